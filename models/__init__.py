@@ -1,0 +1,1 @@
+"""Model blocks, heads, the yaml parser and the model yaml files."""

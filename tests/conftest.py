@@ -1,0 +1,27 @@
+"""Shared pytest setup: the repository root on sys.path, few threads, fixed seeds."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def bccd_root() -> Path:
+    if not BCCD.is_dir():
+        pytest.skip("BCCD is not available at ../shared/datasets/bccd")
+    return BCCD

@@ -1,0 +1,1 @@
+"""Utilities for yolo-distill: one concern per module, nothing runs at import."""
