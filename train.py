@@ -1,0 +1,31 @@
+"""Train a YOLO detector (teachers, scratch baselines).
+
+Example:
+    python train.py --cfg models/detect/gelan-s.yaml --data data/bccd.yaml --hyp hyp/hyp.scratch-high.yaml \
+        --img 640 --batch 16 --epochs 100 --close-mosaic 10 --name gelan-s
+    torchrun --nproc_per_node 2 train.py ...   # several GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from utils.engine import run
+from utils.errors import cli_main
+from utils.log import setup_logging
+from utils.train_args import build_parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser(distill=False).parse_args(argv)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,35 @@
+"""Distil a small student from a frozen teacher (ours or an official YOLOv9 checkpoint).
+
+Example:
+    python train_distill.py --data data/bccd.yaml --img 640 --batch 32 --epochs 50 --close-mosaic 40 \
+        --cfg models/detect/yolov9-tiny.yaml --weights '' --teacher runs/train/gelan-s/weights/best.pt \
+        --hyp hyp/hyp.distill.yaml --name yolov9-tiny-distill
+The distillation terms, weights, temperatures and schedules are read from the --hyp file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from utils.engine import run
+from utils.errors import UserError, cli_main
+from utils.log import setup_logging
+from utils.train_args import build_parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser(distill=True).parse_args(argv)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    opt = parse_args(argv)
+    if not opt.teacher and not opt.resume:
+        raise UserError("--teacher is required: a checkpoint of a trained teacher (ours or official YOLOv9)")
+    return run(opt)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,58 @@
+"""Exponential moving average of model weights, with the YOLO warm-up ramp."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+DEFAULT_DECAY = 0.9999
+DEFAULT_TAU = 2000
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
+class ModelEMA:
+    """Keeps ``ema = d * ema + (1 - d) * model`` with ``d = decay * (1 - exp(-updates / tau))``.
+
+    The ramp lets the average follow the model closely early in training. Only floating-point
+    entries are averaged; integer buffers (``num_batches_tracked``) are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = DEFAULT_DECAY, tau: float = DEFAULT_TAU,
+                 updates: int = 0) -> None:
+        self.ema = copy.deepcopy(unwrap(model)).eval()
+        self.decay, self.tau, self.updates = decay, tau, updates
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        return self.decay * (1 - math.exp(-self.updates / self.tau))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Blend the current weights of ``model`` into the average (call after each optimizer step)."""
+        self.updates += 1
+        d = self.current_decay()
+        model_state = unwrap(model).state_dict()
+        ema_float, model_float = [], []
+        for key, value in self.ema.state_dict().items():
+            if value.dtype.is_floating_point:
+                ema_float.append(value)
+                model_float.append(model_state[key].detach())
+            else:
+                value.copy_(model_state[key])
+        torch._foreach_lerp_(ema_float, model_float, 1.0 - d)
+
+    def update_attr(self, model: nn.Module, names: tuple[str, ...] = ("names", "nc", "stride", "yaml")) -> None:
+        """Copy plain attributes (class names, strides, ...) from the model."""
+        source = unwrap(model)
+        for name in names:
+            if hasattr(source, name):
+                setattr(self.ema, name, getattr(source, name))
