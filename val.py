@@ -1,0 +1,125 @@
+"""Validate a detector (.pt, .onnx or .engine) on a data set split and print mAP and speed.
+
+Examples:
+    python val.py --weights runs/train/exp/weights/best.pt --data data/bccd.yaml --img 640
+    python val.py --weights best.onnx --data data/bccd.yaml --task test --save-json --verbose
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from utils.backends import load_backend
+from utils.data_config import load_data_config
+from utils.datasets import create_dataloader
+from utils.errors import UserError, cli_main
+from utils.evaluate import evaluate, format_results
+from utils.log import LOGGER, setup_logging
+from utils.paths import increment_path
+
+ROOT = Path(__file__).resolve().parent
+TASKS = ("val", "test", "speed")
+SPEED_CONF, SPEED_IOU = 0.25, 0.45  # --task speed times the deployment thresholds, not the mAP ones
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit code 2 via cli_main, not a usage dump
+        raise UserError(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = _Parser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--weights", required=True, help="model: .pt (ours or official YOLOv9), .onnx or .engine")
+    add("--data", default=str(ROOT / "data" / "synthetic.yaml"), help="data.yaml")
+    add("--img", "--imgsz", "--img-size", dest="imgsz", type=int, default=640, help="image size (px)")
+    add("--batch", "--batch-size", dest="batch_size", type=int, default=32)
+    add("--conf-thres", type=float, default=0.001, help="confidence threshold")
+    add("--iou-thres", type=float, default=0.7, help="NMS IoU threshold")
+    add("--max-det", type=int, default=300, help="detections kept per image")
+    add("--task", choices=TASKS, default="val", help="split to validate (speed: timings only)")
+    add("--device", default="", help="cuda device (0) or cpu")
+    add("--half", action="store_true", help="fp16 inference on CUDA")
+    add("--save-json", action="store_true", help="write COCO JSON and score it with the COCO evaluator")
+    add("--save-txt", action="store_true", help="write predictions as YOLO txt labels")
+    add("--save-conf", action="store_true", help="add the confidence to --save-txt lines")
+    add("--project", default=str(ROOT / "runs" / "val"), help="runs folder")
+    add("--name", default="exp", help="run name: project/name")
+    add("--exist-ok", action="store_true", help="reuse project/name instead of incrementing")
+    add("--workers", type=int, default=8, help="data loader workers")
+    add("--verbose", action="store_true", help="per-class table")
+    add("--noplots", action="store_true", help="no curves, confusion matrix or batch images")
+    return parser.parse_args(argv)
+
+
+def _check_flags(conf_thres: float, iou_thres: float, max_det: int, batch_size: int, imgsz: int) -> None:
+    if not 0.0 <= conf_thres < 1.0:
+        raise UserError(f"--conf-thres {conf_thres} must be in [0, 1)")
+    if not 0.0 < iou_thres <= 1.0:
+        raise UserError(f"--iou-thres {iou_thres} must be in (0, 1]")
+    if max_det < 1 or batch_size < 1 or imgsz < 1:
+        raise UserError("--max-det, --batch-size and --img must be positive")
+
+
+def run(weights: str, data: str = str(ROOT / "data" / "synthetic.yaml"), imgsz: int = 640, batch_size: int = 32,
+        conf_thres: float = 0.001, iou_thres: float = 0.7, max_det: int = 300, task: str = "val",
+        device: str = "", half: bool = False, save_json: bool = False, save_txt: bool = False,
+        save_conf: bool = False, project: str = str(ROOT / "runs" / "val"), name: str = "exp",
+        exist_ok: bool = False, workers: int = 8, verbose: bool = False, noplots: bool = False) -> dict:
+    """Validate ``weights`` on the ``task`` split of ``data``; returns the dict of ``utils.evaluate.evaluate``
+    plus ``save_dir``. Raises :class:`UserError` for bad flags, files or data."""
+    if task not in TASKS:
+        raise UserError(f"--task {task} is not one of {', '.join(TASKS)}")
+    if task == "speed":
+        conf_thres, iou_thres, save_json, save_txt, noplots = SPEED_CONF, SPEED_IOU, False, False, True
+    _check_flags(conf_thres, iou_thres, max_det, batch_size, imgsz)
+    cfg = load_data_config(data)
+    split_name = "test" if task == "test" else "val"
+    split = cfg[split_name]
+    if split is None:
+        raise UserError(f"--data {cfg['yaml_file']}: no '{split_name}' split for --task {task}")
+    backend = load_backend(weights, device, half=half)
+    if backend.nc != cfg["nc"]:
+        raise UserError(f"--weights {weights} predicts {backend.nc} classes but --data {cfg['yaml_file']} "
+                        f"has {cfg['nc']}")
+    rect = backend.img_size is None  # a static export takes exactly its own square size
+    if not rect:
+        height, width = backend.img_size
+        if height != width:
+            raise UserError(f"--weights {weights} was exported for {height}x{width}; validate it with a square export")
+        if imgsz != height:
+            LOGGER.info(f"--img {imgsz} -> {height}: {weights} is a static export")
+        imgsz = height
+    elif imgsz % backend.stride:
+        new = -(-imgsz // backend.stride) * backend.stride
+        LOGGER.warning(f"--img {imgsz} is not a multiple of the stride {backend.stride}; using {new}")
+        imgsz = new
+    loader, _ = create_dataloader(split, imgsz, batch_size, stride=backend.stride, rect=rect, workers=workers,
+                                  nc=cfg["nc"], prefix=f"{task}: ")
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+    if backend.device.type == "cuda":  # so that CUDA / TensorRT start-up is not in the timings
+        backend.warmup((imgsz, imgsz))
+    metrics = evaluate(backend, loader, backend.names, conf_thres=conf_thres, iou_thres=iou_thres,
+                       max_det=max_det, half=half, save_dir=save_dir, plots=not noplots, save_json=save_json,
+                       save_txt=save_txt, save_conf=save_conf)
+    LOGGER.info(format_results(metrics, verbose=verbose))
+    if "coco" in metrics:
+        coco = metrics["coco"]
+        LOGGER.info(f"COCO evaluator ({coco['evaluator']}): mAP50-95 {coco['map']:.4f}, mAP50 {coco['map50']:.4f}")
+    metrics["save_dir"] = str(save_dir)
+    (save_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    LOGGER.info(f"results saved to {save_dir}")
+    return metrics
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    return run(**vars(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
