@@ -19,7 +19,7 @@ import torch
 from utils.augment import letterbox
 from utils.backends import load_backend
 from utils.boxes import scale_boxes, xyxy2xywhn
-from utils.errors import UserError, cli_main
+from utils.errors import ArgumentParser, UserError, cli_main
 from utils.log import LOGGER, setup_logging
 from utils.nms import non_max_suppression
 from utils.paths import increment_path
@@ -30,13 +30,8 @@ ROOT = Path(__file__).resolve().parent
 VIDEO_FOURCC = "mp4v"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit code 2 via cli_main, not a usage dump
-        raise UserError(f"{message} (see --help)")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--weights", required=True, help="model: .pt (ours or official YOLOv9), .onnx or .engine")
     add("--source", default=str(ROOT / "data" / "images"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from utils.backends import load_backend
 from utils.data_config import load_data_config
 from utils.datasets import create_dataloader
-from utils.errors import UserError, cli_main
+from utils.errors import ArgumentParser, UserError, cli_main
 from utils.evaluate import evaluate, format_results
 from utils.log import LOGGER, setup_logging
 from utils.paths import increment_path
@@ -25,13 +25,8 @@ TASKS = ("val", "test", "speed")
 SPEED_CONF, SPEED_IOU = 0.25, 0.45  # --task speed times the deployment thresholds, not the mAP ones
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit code 2 via cli_main, not a usage dump
-        raise UserError(f"{message} (see --help)")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--weights", required=True, help="model: .pt (ours or official YOLOv9), .onnx or .engine")
     add("--data", default=str(ROOT / "data" / "synthetic.yaml"), help="data.yaml")

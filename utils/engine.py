@@ -138,8 +138,8 @@ class Trainer:
         if self.teacher is not None:
             self.distill_loss = DistillationLoss(self.detection_loss, self.model, self.teacher, self.hyp)
             self.distill_loss.to(self.device)
-            self.student_layers = list(self.model.distill_layers)
-            self.teacher_layers = list(self.teacher.distill_layers)
+            self.student_layers = list(self.distill_loss.student_layers)
+            self.teacher_layers = list(self.distill_loss.teacher_layers)
 
     def _build_optimizer(self) -> None:
         opt, hyp = self.opt, self.hyp
@@ -243,18 +243,26 @@ class Trainer:
             if self.distill_loss is None:
                 preds = self.train_model(imgs)
                 return self.detection_loss(preds, targets)
-            preds, student_feats = self.train_model(imgs, feature_layers=self.student_layers)
-            with torch.no_grad():
-                teacher_imgs = imgs
-                teacher_img = getattr(self.opt, "teacher_img", 0)
-                if teacher_img and teacher_img != imgs.shape[-1]:
-                    teacher_imgs = F.interpolate(imgs, size=(teacher_img, teacher_img), mode="bilinear",
-                                                 align_corners=False)
-                teacher_dtype = next(self.teacher.parameters()).dtype
-                teacher_out, teacher_feats = self.teacher(teacher_imgs.to(teacher_dtype),
-                                                          feature_layers=self.teacher_layers)
+            if not self.distill_loss.uses_features:
+                preds, student_feats = self.train_model(imgs), None
+            else:
+                preds, student_feats = self.train_model(imgs, feature_layers=self.student_layers)
+            teacher_out = teacher_feats = None
+            if self.distill_loss.schedule(epoch, self.opt.epochs)[0] > 0:  # after the stop epoch: no teacher
+                teacher_out, teacher_feats = self._teacher_forward(imgs)
             return self.distill_loss(preds, teacher_out, targets, student_feats, teacher_feats,
                                      epoch=epoch, epochs=self.opt.epochs)
+
+    @torch.no_grad()
+    def _teacher_forward(self, imgs: torch.Tensor):
+        """The teacher on the same augmented batch (resized to --teacher-img when set), in its dtype."""
+        teacher_img = getattr(self.opt, "teacher_img", 0)
+        if teacher_img and teacher_img != imgs.shape[-1]:
+            imgs = F.interpolate(imgs, size=(teacher_img, teacher_img), mode="bilinear", align_corners=False)
+        imgs = imgs.to(next(self.teacher.parameters()).dtype)
+        if self.distill_loss.uses_features:
+            return self.teacher(imgs, feature_layers=self.teacher_layers)
+        return self.teacher(imgs), None
 
     def train_one_epoch(self, epoch: int, nb: int) -> dict[str, float]:
         """One pass over the training data; returns the mean of each loss term and images/s."""
@@ -280,9 +288,9 @@ class Trainer:
             if ni <= self.warmup_iters:
                 apply_warmup(self.optimizer, ni, self.warmup_iters, self.lf(epoch), self.hyp)
             imgs = imgs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
             if self.gpu_augment is not None:
-                imgs, targets = self.gpu_augment(imgs, targets)
+                imgs, targets = self.gpu_augment(imgs, targets.to(device, non_blocking=True))
+                targets = targets.cpu()  # the loss pads targets per image: sizes are read on the host
             else:
                 imgs = imgs.float().div_(255)
             if opt.channels_last:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable, TypeVar
@@ -34,3 +35,10 @@ def cli_main(fn: F) -> F:
             raise SystemExit(EXIT_USAGE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one :class:`UserError` line (exit 2 through :func:`cli_main`)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see --help)")

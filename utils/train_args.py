@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from utils.errors import ArgumentParser
+
 ROOT = Path(__file__).resolve().parents[1]
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
 def build_parser(distill: bool = False) -> argparse.ArgumentParser:
     """The training parser; ``distill`` adds the teacher flags."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Distil a student from a frozen teacher." if distill else "Train a YOLO detector.")
     add = parser.add_argument
     add("--cfg", type=str, default="", help="model yaml (models/detect/*.yaml)")
