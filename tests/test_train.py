@@ -1,0 +1,181 @@
+"""The training engine end to end on a tiny synthetic set (CPU): logs, checkpoints, resume, NaN guard, DDP."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+import train_distill
+from utils.checkpoint import load_checkpoint, load_model
+from utils.engine import Trainer
+from utils.synthetic import generate
+from utils.train_args import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDENT = str(ROOT / "models" / "detect" / "yolov9-tiny.yaml")
+HYP_LOW = str(ROOT / "hyp" / "hyp.scratch-low.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> str:
+    return str(generate(tmp_path_factory.mktemp("syn"), n_train=8, n_val=4, img_size=96, seed=0))
+
+
+def _args(data: str, project: Path, name: str, epochs: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["--cfg", STUDENT, "--data", data, "--img", "64", "--batch", "4", "--epochs", str(epochs),
+            "--workers", "0", "--device", "cpu", "--project", str(project), "--name", name, "--noplots",
+            "--hyp", HYP_LOW, "--max-batches", "2", *extra]
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_writes_run_folder(tiny_data, tmp_path):
+    train.main(_args(tiny_data, tmp_path, "plain"))
+    run = tmp_path / "plain"
+    rows = _rows(run)
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    for key in ("train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/mAP_0.5:0.95", "lr/pg0",
+                "speed/img_per_s", "time/epoch_s"):
+        assert math.isfinite(float(rows[-1][key])), key
+    assert (run / "opt.yaml").exists() and (run / "hyp.yaml").exists()
+    best = load_checkpoint(run / "weights" / "best.pt")
+    assert best["epoch"] == -1 and best["optimizer"] is None  # released: EMA weights only
+    last = load_checkpoint(run / "weights" / "last.pt")
+    assert last["epoch"] == 1 and last["optimizer"] is not None
+    assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
+    model = load_model(run / "weights" / "best.pt")
+    assert model.nc == 7 and len(model.names) == 7
+
+
+def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    Trainer(build_parser().parse_args(_args(tiny_data, tmp_path, "full", epochs=3))).train()
+
+    original = Trainer.after_epoch
+
+    def crash_after_second_epoch(self, epoch, row, elapsed):
+        out = original(self, epoch, row, elapsed)
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Trainer, "after_epoch", crash_after_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(build_parser().parse_args(_args(tiny_data, tmp_path, "cut", epochs=3))).train()
+    monkeypatch.setattr(Trainer, "after_epoch", original)
+    assert load_checkpoint(tmp_path / "cut" / "weights" / "last.pt")["epoch"] == 1
+
+    train.main(_args(tiny_data, tmp_path, "ignored", epochs=3, extra=("--resume",
+                                                                     str(tmp_path / "cut" / "weights" / "last.pt"))))
+    full = load_checkpoint(tmp_path / "full" / "weights" / "last.pt")["state_dict"]
+    resumed = load_checkpoint(tmp_path / "cut" / "weights" / "last.pt")["state_dict"]
+    for key, value in full.items():
+        torch.testing.assert_close(resumed[key].float(), value.float(), rtol=1e-4, atol=1e-5, msg=key)
+    assert [int(r["epoch"]) for r in _rows(tmp_path / "cut")] == [0, 1, 2]
+
+
+def test_nonfinite_loss_skips_step_then_stops(tiny_data, tmp_path, monkeypatch, caplog):
+    from utils.loss import DetectionLoss
+
+    real_forward = DetectionLoss.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, preds, targets):
+        loss, items = real_forward(self, preds, targets)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 2 else loss), items
+
+    monkeypatch.setattr(DetectionLoss, "forward", sometimes_nan)
+    train.main(_args(tiny_data, tmp_path, "onenan", epochs=1))
+    state = load_checkpoint(tmp_path / "onenan" / "weights" / "last.pt")["state_dict"]
+    assert all(torch.isfinite(v.float()).all() for v in state.values())
+    assert "optimizer step skipped" in caplog.text
+
+    monkeypatch.setattr(DetectionLoss, "forward",
+                        lambda self, p, t: (lambda out: (out[0] * float("nan"), out[1]))(real_forward(self, p, t)))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(_args(tiny_data, tmp_path, "allnan", epochs=30))
+    assert exit_info.value.code == 2
+
+
+def test_distillation_logs_terms_and_resumes(tiny_data, tmp_path, monkeypatch):
+    train.main(_args(tiny_data, tmp_path, "teacher", epochs=1))
+    teacher = str(tmp_path / "teacher" / "weights" / "best.pt")
+    args = _args(tiny_data, tmp_path, "student", epochs=2, extra=("--teacher", teacher))
+    train_distill.main(args)
+    rows = _rows(tmp_path / "student")
+    for key in ("distill/cls", "distill/box", "distill/feat", "distill/total"):
+        assert math.isfinite(float(rows[0][key])), key
+    ckpt = load_checkpoint(tmp_path / "student" / "weights" / "last.pt")
+    assert ckpt["extra"]["teacher"]["path"] == teacher and len(ckpt["extra"]["teacher"]["sha256"]) == 64
+    assert not any(k.startswith("teacher") for k in ckpt["state_dict"])  # never saved into the student
+
+    original = Trainer.after_epoch
+
+    def crash(self, epoch, row, elapsed):
+        out = original(self, epoch, row, elapsed)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "after_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_distill.main(_args(tiny_data, tmp_path, "cut", epochs=2, extra=("--teacher", teacher)))
+    monkeypatch.setattr(Trainer, "after_epoch", original)
+    train_distill.main(["--resume", str(tmp_path / "cut" / "weights" / "last.pt")])
+    assert [int(r["epoch"]) for r in _rows(tmp_path / "cut")] == [0, 1]
+
+
+def test_teacher_with_other_classes_is_refused(tiny_data, tmp_path, capsys):
+    other = generate(tmp_path / "other", n_train=4, n_val=2, img_size=64, seed=1)
+    text = Path(other).read_text().replace("nc: 7", "nc: 2")
+    text = text.replace("names: [circle, ring, triangle, square, star, cross, hexagon]", "names: [a, b]")
+    Path(other).write_text(text)
+    train.main(_args(tiny_data, tmp_path, "teacher7", epochs=1))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_distill.main(_args(str(other), tmp_path, "mismatch", extra=(
+            "--teacher", str(tmp_path / "teacher7" / "weights" / "best.pt"))))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "classes" in err[0]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--cfg", "nope.yaml"], "nope.yaml"),
+    (["--epochs", "x"], "--epochs"),
+    (["--data", "missing.yaml", "--cfg", STUDENT], "missing.yaml"),
+])
+def test_bad_input_one_line_exit_2(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv + ["--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process_shape(tmp_path):
+    data = str(generate(tmp_path / "syn128", n_train=16, n_val=4, img_size=128, seed=0))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = _args(data, tmp_path, "ddp", epochs=2, extra=("--img", "128", "--batch", "8"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "train.py"), *common]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    train.main(_args(data, tmp_path, "single", epochs=2, extra=("--img", "128", "--batch", "8")))
+    ddp, single = _rows(tmp_path / "ddp"), _rows(tmp_path / "single")
+    assert len(ddp) == len(single) == 2
+    keys = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
+    for epoch in range(2):
+        a = sum(float(ddp[epoch][k]) for k in keys)
+        b = sum(float(single[epoch][k]) for k in keys)
+        assert math.isfinite(a) and abs(a - b) / b < 0.5, (epoch, a, b)
