@@ -22,6 +22,7 @@ from utils.train_args import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = str(ROOT / "models" / "detect" / "yolov9-tiny.yaml")
 HYP_LOW = str(ROOT / "hyp" / "hyp.scratch-low.yaml")
+HYP_DISTILL = str(ROOT / "hyp" / "hyp.distill.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_nonfinite_loss_skips_step_then_stops(tiny_data, tmp_path, monkeypatch, 
 def test_distillation_logs_terms_and_resumes(tiny_data, tmp_path, monkeypatch):
     train.main(_args(tiny_data, tmp_path, "teacher", epochs=1))
     teacher = str(tmp_path / "teacher" / "weights" / "best.pt")
-    args = _args(tiny_data, tmp_path, "student", epochs=2, extra=("--teacher", teacher))
+    args = _args(tiny_data, tmp_path, "student", epochs=2, extra=("--teacher", teacher, "--hyp", HYP_DISTILL))
     train_distill.main(args)
     rows = _rows(tmp_path / "student")
     for key in ("distill/cls", "distill/box", "distill/feat", "distill/total"):
@@ -128,7 +129,7 @@ def test_distillation_logs_terms_and_resumes(tiny_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "after_epoch", crash)
     with pytest.raises(KeyboardInterrupt):
-        train_distill.main(_args(tiny_data, tmp_path, "cut", epochs=2, extra=("--teacher", teacher)))
+        train_distill.main(_args(tiny_data, tmp_path, "cut", epochs=2, extra=("--teacher", teacher, "--hyp", HYP_DISTILL)))
     monkeypatch.setattr(Trainer, "after_epoch", original)
     train_distill.main(["--resume", str(tmp_path / "cut" / "weights" / "last.pt")])
     assert [int(r["epoch"]) for r in _rows(tmp_path / "cut")] == [0, 1]

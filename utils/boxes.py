@@ -111,8 +111,9 @@ def make_anchors(feats: Sequence[torch.Tensor], strides: Sequence[float] | torch
     dtype, device = feats[0].dtype, feats[0].device
     for feat, stride in zip(feats, strides):
         h, w = feat.shape[-2:]
-        xs = torch.arange(w, device=device, dtype=dtype) + offset
-        ys = torch.arange(h, device=device, dtype=dtype) + offset
+        # the grid is built in float32 and cast, so that fp16 graphs export with dynamic sizes
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + offset).to(dtype)
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + offset).to(dtype)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         points.append(torch.stack((grid_x, grid_y), -1).view(-1, 2))
         stride_list.append(torch.full((h * w, 1), float(stride), dtype=dtype, device=device))
