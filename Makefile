@@ -18,5 +18,15 @@ $(STAMP): requirements.txt
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
+demo: $(STAMP)
+	PY=$(PY) scripts/demo.sh
+
+# The demo's steps on a tiny generated data set, one epoch each: CI runs it so the main job cannot break.
+SMOKE := runs/demo-smoke
+demo-smoke: $(STAMP)
+	$(PY) -m utils.synthetic --out $(SMOKE)/data --train 16 --val 8 --img 128
+	PY=$(PY) DEMO_RUNS=$(SMOKE) DEMO_DATA=$(SMOKE)/data/data.yaml DEMO_SOURCE=$(SMOKE)/data/images/val \
+	  DEMO_IMG=128 DEMO_BATCH=8 DEMO_TEACHER_EPOCHS=1 DEMO_STUDENT_EPOCHS=1 DEMO_MAX_BATCHES=2 scripts/demo.sh
+
 clean:
 	rm -rf runs .pytest_cache

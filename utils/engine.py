@@ -125,7 +125,7 @@ class Trainer:
         if opt.gpu_augment:
             from utils.gpu_augment import GPUAugment
 
-            self.gpu_augment = GPUAugment(self.hyp, opt.img)
+            self.gpu_augment = GPUAugment(self.hyp, opt.img, seed=opt.seed + self.dist.rank)
         self.val_loader = None
         if self.dist.is_main and self.data.get("val"):
             self.val_loader, _ = create_dataloader(
@@ -289,8 +289,7 @@ class Trainer:
                 apply_warmup(self.optimizer, ni, self.warmup_iters, self.lf(epoch), self.hyp)
             imgs = imgs.to(device, non_blocking=True)
             if self.gpu_augment is not None:
-                imgs, targets = self.gpu_augment(imgs, targets.to(device, non_blocking=True))
-                targets = targets.cpu()  # the loss pads targets per image: sizes are read on the host
+                imgs, targets = self.gpu_augment(imgs, targets)  # CPU targets: no device wait
             else:
                 imgs = imgs.float().div_(255)
             if opt.channels_last:
