@@ -216,3 +216,10 @@ def test_teacher_guided_fine_tune_of_a_pruned_student(tmp_path):
     assert count_params(load_model(last)) == summary.params_after  # fine-tuned in its pruned shape
     assert load_checkpoint(last)["extra"]["teacher"]["path"] == str(teacher_path)
     assert Path(tmp_path / "runs" / "ft" / "results.csv").is_file()
+
+    # a new architecture on top of pruned weights would silently undo the pruning: refused
+    with pytest.raises(SystemExit) as exit_info:
+        train_distill.main(["--weights", str(pruned_path), "--cfg", "models/detect/yolov9-tiny.yaml",
+                            "--teacher", str(teacher_path), "--data", str(data), "--epochs", "1", "--img", str(IMG),
+                            "--device", "cpu", "--project", str(tmp_path / "runs"), "--name", "cfg"])
+    assert exit_info.value.code == 2

@@ -47,6 +47,10 @@ def transfer_weights(target: nn.Module, source_state: dict[str, torch.Tensor]) -
     return len(matched)
 
 
+def _state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def build_model(opt: argparse.Namespace, nc: int, names: list[str]) -> DetectionModel:
     """The model to train: from ``--cfg``, initialised from ``--weights`` when given.
 
@@ -59,6 +63,10 @@ def build_model(opt: argparse.Namespace, nc: int, names: list[str]) -> Detection
         raise UserError(f"--cfg {opt.cfg} does not exist")
     if opt.weights:
         pretrained = load_model(opt.weights)
+        pruned = _state_shapes(pretrained) != _state_shapes(DetectionModel(pretrained.yaml, nc=pretrained.nc))
+        if pruned and (opt.cfg or pretrained.nc != nc):
+            raise UserError(f"--weights {opt.weights} is a pruned model: fine-tune it without --cfg and on data "
+                            f"with its {pretrained.nc} classes (a new architecture would undo the pruning)")
         if opt.cfg:
             model = DetectionModel(opt.cfg, nc=nc)
             count = transfer_weights(model, pretrained.state_dict())
