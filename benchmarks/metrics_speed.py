@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
 BCCD_CLASSES = ["RBC", "WBC", "Platelets"]
@@ -103,17 +105,6 @@ def model_predictions(weights: str, paths, img_size: int, max_det: int) -> list[
         scale_boxes(boxed.shape[:2], det[:, :4], img.shape[:2], (ratio, pad))
         out.append(det)
     return out
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_best(fn, repeat: int) -> tuple[float, dict]:

@@ -65,6 +65,13 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return conv_like(conv, *fold_bn(conv, bn))
 
 
+def make_act(act: bool | nn.Module) -> nn.Module:
+    """The activation of a conv block: SiLU for True, the module itself, or Identity for False."""
+    if act is True:
+        return nn.SiLU()
+    return act if isinstance(act, nn.Module) else nn.Identity()
+
+
 class Conv(nn.Module):
     """Conv2d (no bias) -> BatchNorm2d -> SiLU. ``act=False`` gives Identity, a module is used as is.
 
@@ -76,12 +83,7 @@ class Conv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, p, d), groups=g, dilation=d, bias=False)
         self.bn = nn.BatchNorm2d(c2)
-        if act is True:
-            self.act = nn.SiLU()
-        elif isinstance(act, nn.Module):
-            self.act = act
-        else:
-            self.act = nn.Identity()
+        self.act = make_act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
@@ -142,12 +144,7 @@ class RepConvN(nn.Module):
         if k != 3 or p != 1:
             raise ValueError("RepConvN supports only a 3x3 kernel with padding 1")
         self.g, self.c1, self.c2 = g, c1, c2
-        if act is True:
-            self.act = nn.SiLU()
-        elif isinstance(act, nn.Module):
-            self.act = act
-        else:
-            self.act = nn.Identity()
+        self.act = make_act(act)
         self.bn = None
         self.conv1 = Conv(c1, c2, k, s, p=p, g=g, act=False)
         self.conv2 = Conv(c1, c2, 1, s, p=p - k // 2, g=g, act=False)

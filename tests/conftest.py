@@ -1,5 +1,6 @@
 """Shared pytest setup: the repository root on sys.path, few threads, fixed seeds."""
 
+import logging
 import sys
 from pathlib import Path
 
@@ -14,6 +15,8 @@ BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
 
 torch.set_num_threads(1)
 
+from utils.log import LOGGER  # noqa: E402  (after the root is on sys.path)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -25,3 +28,20 @@ def bccd_root() -> Path:
     if not BCCD.is_dir():
         pytest.skip("BCCD is not available at ../shared/datasets/bccd")
     return BCCD
+
+
+@pytest.fixture
+def log_lines():
+    """Messages the project logger emits during the test."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler, old_level = Collect(), LOGGER.level
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+    yield lines
+    LOGGER.removeHandler(handler)
+    LOGGER.setLevel(old_level)

@@ -1,7 +1,6 @@
 """VOC and COCO converters: BCCD counts, degenerate boxes, the CLI, and the written data.yaml."""
 
 import json
-import logging
 
 import cv2
 import numpy as np
@@ -14,23 +13,6 @@ from utils.log import LOGGER
 
 BCCD_SPLITS = {"train": 205, "val": 87, "test": 72}
 BCCD_BOXES = 4886
-
-
-@pytest.fixture
-def log_lines():
-    """Messages the project logger emits during the test."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler, old_level = Collect(), LOGGER.level
-    LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.INFO)
-    yield lines
-    LOGGER.removeHandler(handler)
-    LOGGER.setLevel(old_level)
 
 
 def count_rows(folder) -> int:

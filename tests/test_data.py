@@ -1,6 +1,5 @@
 """data.yaml, the label checks and cache, the loader contract, and the synthetic set."""
 
-import logging
 import os
 from pathlib import Path
 
@@ -15,29 +14,11 @@ from utils.boxes import scale_boxes, xywhn2xyxy
 from utils.data_config import load_data_config
 from utils.datasets import close_mosaic, create_dataloader
 from utils.errors import UserError
-from utils.log import LOGGER
 
 ROOT = Path(__file__).resolve().parents[1]
 RGB = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)], np.uint8)
 NO_AUG = {k: 0.0 for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
                            "perspective", "flipud", "fliplr", "mosaic", "mixup", "erasing")}
-
-
-@pytest.fixture
-def log_lines():
-    """Messages the project logger emits during the test."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler, old_level = Collect(), LOGGER.level
-    LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.INFO)
-    yield lines
-    LOGGER.removeHandler(handler)
-    LOGGER.setLevel(old_level)
 
 
 def write_image(path: Path, img_rgb: np.ndarray) -> None:

@@ -16,6 +16,7 @@ from models.yolo import DetectionModel, load_model_yaml, parse_model, reparamete
 from utils.errors import UserError
 from utils.log import LOGGER
 from utils.model_info import count_params, gflops
+from tests.helpers import randomize_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECT_DIR = ROOT / "models" / "detect"
@@ -66,19 +67,6 @@ GELAN_E_SOURCE = {**{i: i for i in range(29)}, **{i: i + 7 for i in range(29, 42
 
 def _build(name: str, nc: int) -> DetectionModel:
     return DetectionModel(DETECT_DIR / f"{name}.yaml", nc=nc)
-
-
-def _randomize_bn(model: nn.Module) -> None:
-    """Non-trivial BN statistics and affine terms, so that folding them is really tested."""
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
 def _reference_keys(name: str) -> list[tuple[str, list[int], str]]:
@@ -281,7 +269,7 @@ def test_dual_distill_layers_are_the_main_branch():
 
 def test_fused_equals_unfused():
     model = _build("yolov9-t", SMALL_NC)
-    _randomize_bn(model)
+    randomize_bn(model)
     model.eval()
     x = torch.rand(1, 3, IMG_H, IMG_W)
     fused = copy.deepcopy(model).fuse()
@@ -333,7 +321,7 @@ def test_mini_yaml_with_every_block_builds_and_fuses():
     assert model.model[1].conv.out_channels == 16  # 64 * 0.25
     assert model.model[11].c2s == [8, 16]
     assert model.save == sorted({0, 6, 8, 10, 11, 18})
-    _randomize_bn(model)
+    randomize_bn(model)
     model.eval()
     x = torch.rand(1, 3, IMG_H, IMG_W)
     with torch.no_grad():
@@ -408,7 +396,7 @@ def test_single_branch_layout_is_the_gelan_yaml(size):
 
 def test_reparameterized_yolov9_s_is_gelan_s():
     model = _build("yolov9-s", 80)
-    _randomize_bn(model)
+    randomize_bn(model)
     model.eval()
     gelan = reparameterize(model)
     assert count_params(gelan) == OFFICIAL[("gelan-s", 80)].params
@@ -424,7 +412,7 @@ def test_reparameterized_yolov9_s_is_gelan_s():
 
 def test_reparameterized_yolov9_c_drops_the_aux_branch():
     model = _build("yolov9-c", SMALL_NC)
-    _randomize_bn(model)
+    randomize_bn(model)
     model.eval()
     gelan = reparameterize(model)
     assert count_params(gelan) == OFFICIAL[("gelan-c", SMALL_NC)].params

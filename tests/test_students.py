@@ -17,6 +17,7 @@ from models.backbones import (
     channel_shuffle,
 )
 from utils.errors import UserError
+from tests.helpers import randomize_bn
 
 DETECT_DIR = Path(__file__).resolve().parents[1] / "models" / "detect"
 STUDENTS = ["yolov9-tiny.yaml", "yolov9-tiny-1.0x.yaml", "mobilenetv3-small.yaml"]
@@ -25,19 +26,6 @@ STUDENT_PARAM_LIMIT = 3_500_000  # at nc=80; these students must stay fast on a 
 STRIDES = [8.0, 16.0, 32.0]
 REG_MAX = 16
 FUSE_RTOL = 1e-4
-
-
-def _randomize_bn(model: nn.Module) -> None:
-    """Give every BatchNorm non-trivial statistics so that folding it is actually tested."""
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
 def _build(name: str, nc: int):
@@ -124,7 +112,7 @@ def test_bad_block_arguments_raise_user_error():
 
 def test_conv_bn_act_fuse_matches():
     blk = ConvBNAct(8, 16, 3, 2, "hswish", g=2)
-    _randomize_bn(blk)
+    randomize_bn(blk)
     blk.eval()
     x = torch.randn(2, 8, 16, 16)
     ref = blk(x)
@@ -169,7 +157,7 @@ def test_student_param_bound(name):
 @pytest.mark.parametrize("name", ALL_YAMLS)
 def test_fused_equals_unfused(name):
     model = _build(name, 3)
-    _randomize_bn(model)
+    randomize_bn(model)
     model.eval()
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():

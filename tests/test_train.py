@@ -124,7 +124,7 @@ def test_distillation_logs_terms_and_resumes(tiny_data, tmp_path, monkeypatch):
     original = Trainer.after_epoch
 
     def crash(self, epoch, row, elapsed):
-        out = original(self, epoch, row, elapsed)
+        original(self, epoch, row, elapsed)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "after_epoch", crash)
@@ -180,3 +180,15 @@ def test_two_process_ddp_matches_single_process_shape(tmp_path):
         a = sum(float(ddp[epoch][k]) for k in keys)
         b = sum(float(single[epoch][k]) for k in keys)
         assert math.isfinite(a) and abs(a - b) / b < 0.5, (epoch, a, b)
+
+
+def test_hyp_base_is_merged_and_loops_refused(tmp_path):
+    from utils.errors import UserError
+    from utils.train_setup import load_hyp
+
+    merged = load_hyp(ROOT / "hyp" / "hyp.demo-distill.yaml")
+    assert merged["lr0"] == 0.002 and merged["distill_alpha"] == 0.5 and "base" not in merged
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nlr0: 0.1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nlr0: 0.2\n")
+    with pytest.raises(UserError, match="loop"):
+        load_hyp(tmp_path / "a.yaml")

@@ -18,15 +18,26 @@ from utils.log import LOGGER
 HASH_CHUNK = 1 << 20
 
 
-def load_hyp(path: str | Path) -> dict:
-    """Read a hyper-parameter yaml into a dict (UserError when missing or not a mapping)."""
+def load_hyp(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a hyper-parameter yaml into a dict (UserError when missing or not a mapping).
+
+    A file may start from another with ``base: other.yaml`` (relative to its own folder): the base's
+    keys are read first and this file's keys override them.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--hyp {path} does not exist")
+    if path.resolve() in _seen:
+        raise UserError(f"--hyp {path}: 'base' files form a loop")
     with open(path) as f:
         hyp = yaml.safe_load(f)
     if not isinstance(hyp, dict):
         raise UserError(f"--hyp {path} is not a yaml mapping of hyper-parameters")
+    base = hyp.pop("base", None)
+    if base:
+        merged = load_hyp(path.parent / base, _seen + (path.resolve(),))
+        merged.update(hyp)
+        return merged
     return hyp
 
 
