@@ -308,7 +308,12 @@ def create_dataloader(source: str | list[str], img_size: int, batch_size: int, s
         LOGGER.warning(f"{prefix}rect batches cannot be shuffled; shuffle turned off")
         shuffle = False
     # leave one core to the training process: its compute threads stall when workers take every core
+    # (measured 8x slower epochs with 2 workers on 2 cores)
     workers = max(0, min(int(workers), (os.cpu_count() or 1) - 1))
+    if workers:
+        # workers inherit this before they fork: one OpenCV thread each instead of a pool per worker.
+        # (Calling it inside a forked worker can deadlock, so it is set here.)
+        cv2.setNumThreads(0)
     rank, replicas = 0, 1
     if distributed:
         if not torch.distributed.is_initialized():
@@ -325,10 +330,9 @@ def create_dataloader(source: str | list[str], img_size: int, batch_size: int, s
 
 
 def _single_thread_worker(worker_id: int) -> None:
-    """Loader workers augment one image at a time: one torch and one OpenCV thread each, so that they
-    do not oversubscribe the cores the training step's threads need (measured 8x slower on 2 cores)."""
+    """One torch thread per loader worker: the default pool would compete with the training step's
+    threads for the same cores (measured 8x slower epochs on 2 cores)."""
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)
 
 
 def close_mosaic(loader: DataLoader) -> DataLoader:
