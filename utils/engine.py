@@ -67,6 +67,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         seed_everything(opt.seed + self.dist.rank, deterministic=opt.deterministic)
         self.hyp = load_hyp(opt.hyp) if self.resume_ckpt is None else dict(self.resume_ckpt["hyp"])
+        for flag, path in (("--cfg", opt.cfg), ("--weights", opt.weights), ("--teacher", getattr(opt, "teacher", ""))):
+            if path and not Path(path).is_file():  # before the data set, which may take a while to prepare
+                raise UserError(f"{flag} {path} does not exist")
         self.data = load_data_config(opt.data)
         if opt.batch < self.dist.world_size:
             raise UserError(f"--batch {opt.batch} is smaller than the number of processes {self.dist.world_size}")
