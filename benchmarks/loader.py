@@ -124,7 +124,7 @@ def run_modes(opt: argparse.Namespace, source: str | list[str], hyp: dict, devic
     """Time each mode of ``opt.modes``; returns one dict per mode (mode, what, images_s, setup_s)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     common = dict(hyp=hyp, augment=True, shuffle=True, seed=SEED)
-    workers = min(opt.workers, os.cpu_count() or 1)
+    workers = min(opt.workers, max((os.cpu_count() or 1) - 1, 0))  # the cap create_dataloader applies
     results = []
 
     def to_float(batch: Batch) -> torch.Tensor:

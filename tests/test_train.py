@@ -85,7 +85,7 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     assert [int(r["epoch"]) for r in _rows(tmp_path / "cut")] == [0, 1, 2]
 
 
-def test_nonfinite_loss_skips_step_then_stops(tiny_data, tmp_path, monkeypatch, caplog):
+def test_nonfinite_loss_skips_step_then_stops(tiny_data, tmp_path, monkeypatch, capsys):
     from utils.loss import DetectionLoss
 
     real_forward = DetectionLoss.forward
@@ -100,7 +100,7 @@ def test_nonfinite_loss_skips_step_then_stops(tiny_data, tmp_path, monkeypatch, 
     train.main(_args(tiny_data, tmp_path, "onenan", epochs=1))
     state = load_checkpoint(tmp_path / "onenan" / "weights" / "last.pt")["state_dict"]
     assert all(torch.isfinite(v.float()).all() for v in state.values())
-    assert "optimizer step skipped" in caplog.text
+    assert "optimizer step skipped" in capsys.readouterr().err
 
     monkeypatch.setattr(DetectionLoss, "forward",
                         lambda self, p, t: (lambda out: (out[0] * float("nan"), out[1]))(real_forward(self, p, t)))

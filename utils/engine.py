@@ -193,14 +193,13 @@ class Trainer:
         nb = len(self.train_loader) if not opt.max_batches else min(opt.max_batches, len(self.train_loader))
         self.warmup_iters = warmup_iterations(self.hyp, nb)
         self.nonfinite_steps = 0
+        self.mosaic_closed = False
         if self.dist.is_main:
             self._describe()
         metrics: dict = {}
         for epoch in range(self.start_epoch, opt.epochs):
-            if opt.close_mosaic and epoch == max(opt.epochs - opt.close_mosaic, 0):
-                self._close_mosaic()
-            elif opt.close_mosaic and epoch > opt.epochs - opt.close_mosaic and self.resume_ckpt is not None \
-                    and epoch == self.start_epoch:
+            # also right after a resume that starts inside the closing epochs
+            if opt.close_mosaic and epoch >= opt.epochs - opt.close_mosaic and not self.mosaic_closed:
                 self._close_mosaic()
             start = time.time()
             train_row = self.train_one_epoch(epoch, nb)
@@ -222,6 +221,7 @@ class Trainer:
         return metrics
 
     def _close_mosaic(self) -> None:
+        self.mosaic_closed = True
         LOGGER.info("closing mosaic: mosaic and mixup off for the remaining epochs")
         self.train_loader = close_mosaic(self.train_loader)
         if self.gpu_augment is not None:
