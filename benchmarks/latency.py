@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import cpu_name
 from export import prepare_model
 from models.yolo import DetectionModel
 from utils.checkpoint import make_checkpoint, save_checkpoint
@@ -58,13 +59,7 @@ def machine_info() -> dict:
     """CPU model, cores, GPU (if any), library versions, date."""
     import onnxruntime
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}

@@ -36,7 +36,7 @@ import cv2
 import torch
 import yaml
 
-from utils.convert import convert_voc
+from benchmarks.common import bccd_data
 from utils.data_config import load_data_config
 from utils.datasets import create_dataloader
 from utils.device import select_device
@@ -87,8 +87,7 @@ def resolve_train_split(data: str, tmp_dir: str) -> tuple[str | list[str], str]:
     if data == "bccd":
         if not BCCD_ROOT.is_dir():
             raise UserError(f"--data bccd: {BCCD_ROOT} not found (use --data synthetic or a data.yaml)")
-        convert_voc(BCCD_ROOT, Path(tmp_dir) / "bccd")
-        config = load_data_config(Path(tmp_dir) / "bccd" / "data.yaml")
+        config = load_data_config(bccd_data(str(BCCD_ROOT), Path(tmp_dir)))
         name = "BCCD train (converted to a temporary folder)"
     elif data == "synthetic":
         config = load_data_config(SYNTHETIC_YAML)
