@@ -151,6 +151,8 @@ class Trainer:
             modules += list(self.distill_loss.trainable_modules())
         weight_decay = scaled_weight_decay(hyp["weight_decay"], opt.batch)
         self.optimizer = build_optimizer(modules, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
+        # listed once: clip_grad_norm_ skips parameters without a gradient (e.g. a frozen backbone)
+        self.optimized_params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -336,8 +338,7 @@ class Trainer:
     def _optimizer_step(self) -> None:
         """Unscale, clip, skip the step when gradients are not finite, update EMA."""
         self.scaler.unscale_(self.optimizer)
-        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=GRAD_CLIP_NORM)
+        norm = torch.nn.utils.clip_grad_norm_(self.optimized_params, max_norm=GRAD_CLIP_NORM)
         # one host sync per optimizer step (as GradScaler does): a non-finite step must not be taken
         if torch.isfinite(norm):
             self.scaler.step(self.optimizer)
