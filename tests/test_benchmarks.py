@@ -147,3 +147,12 @@ def test_bccd_is_converted_once_into_the_cache(bccd_root, tmp_path):
     assert [common.count_images(config[s]) for s in ("train", "val", "test")] == [205, 87, 72]
     stamp = yaml_file.stat().st_mtime_ns
     assert common.bccd_data(str(bccd_root), tmp_path) == yaml_file and yaml_file.stat().st_mtime_ns == stamp
+
+
+def test_model_sizes_reports_official_counts(capsys):
+    from benchmarks.model_sizes import main as model_sizes
+
+    rows = model_sizes(["--models", "gelan-t", "yolov9-tiny", "--nc", "80"])
+    assert rows[0]["nc80"]["params"] == 2_442_640  # FACTS.md: official gelan-t at nc=80
+    assert rows[1]["nc80"]["params"] < 3_500_000
+    assert "| gelan-t | 2,442,640 |" in capsys.readouterr().out

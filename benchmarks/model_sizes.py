@@ -1,0 +1,50 @@
+"""Parameters and GFLOPs (640 px) of every model yaml, at 80 classes and at 3 (BCCD).
+
+    python -m benchmarks.model_sizes [--img 640] [--nc 80 3]
+Counts follow the official YOLOv9 rules (utils/model_info.py): all parameters (the fixed DFL
+weights included), GFLOPs of the unfused model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+
+from models.yolo import DetectionModel
+from utils.model_info import count_params, gflops
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS = ("gelan-s", "gelan-t", "yolov9-s", "yolov9-tiny", "yolov9-tiny-1.0x", "mobilenetv3-small",
+                  "yolov5s-af")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--nc", nargs="+", type=int, default=[80, 3])
+    parser.add_argument("--img", type=int, default=640)
+    opt = parser.parse_args(argv)
+    rows = []
+    print("| model | " + " | ".join(f"params (nc={n}) | GFLOPs (nc={n})" for n in opt.nc) + " |")
+    print("|---|" + "---:|---:|" * len(opt.nc))
+    for name in opt.models:
+        cells, row = [], {"model": name}
+        for nc in opt.nc:
+            with torch.no_grad():
+                model = DetectionModel(ROOT / "models" / "detect" / f"{name}.yaml", nc=nc)
+                params, flops = count_params(model), gflops(model, opt.img)
+            row[f"nc{nc}"] = {"params": params, "gflops": flops}
+            cells += [f"{params:,}", f"{flops:.2f}"]
+        rows.append(row)
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"\nimg {opt.img}; torch {torch.__version__}; {datetime.date.today().isoformat()}; "
+          f"command: python -m benchmarks.model_sizes {' '.join(argv if argv is not None else sys.argv[1:])}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
