@@ -42,6 +42,7 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model_yaml", "state_dict", "names", "nc")
 _PLAIN_SCALARS = (bool, int, float, str, bytes, type(None))
 _BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch's weights-only error names a global
+_NOT_A_PICKLE = re.compile(r"Unsupported operand|invalid load key")  # bytes that are no pickle at all
 
 
 def _plain(value: Any) -> Any:
@@ -214,12 +215,16 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
 
 def _torch_load(path: Path) -> tuple[Any, str | None]:
     """``torch.load(weights_only=True)`` -> ``(object, None)``, or ``(None, global name or '')``
-    when the file pickles globals outside torch's safe set (an official YOLOv9 file, or worse)."""
+    when the file pickles globals outside torch's safe set (an official YOLOv9 file, or worse).
+    A file that is no pickle at all (text, random bytes, truncated) raises :class:`UserError`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True), None
     except pickle.UnpicklingError as exc:
         match = _BLOCKED_GLOBAL.search(str(exc))
-        return None, match.group(1) if match else ""
+        if match or not _NOT_A_PICKLE.search(str(exc)):
+            return None, match.group(1) if match else ""
+        raise UserError(f"{path} is not a PyTorch checkpoint: its bytes are not a pickle "
+                        f"(a text file, an image, or a damaged download?)") from exc
     except Exception as exc:  # whatever a corrupt file makes the reader raise: bad input, not a bug
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
