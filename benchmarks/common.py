@@ -38,7 +38,7 @@ MODELS_DIR = ROOT / "models" / "detect"
 HYP_DIR = ROOT / "hyp"
 RUNS_DIR = ROOT / "runs" / "benchmarks"
 DATA_CACHE = RUNS_DIR / "data"  # converted BCCD, shared by every benchmark
-BCCD_CANDIDATES = (ROOT.parent / "shared" / "datasets" / "bccd", ROOT / "shared" / "datasets" / "bccd")
+BCCD_CANDIDATES = (ROOT / "data" / "bccd",)  # bundled in the repository
 RUN_MARKER = "benchmark-run.json"  # written into a run folder once its command succeeded
 LOG_TAIL_LINES = 15
 IMG_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
@@ -76,7 +76,7 @@ def training_parser(description: str, epochs: int, work_name: str) -> argparse.A
     add("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision of train.py")
     add("--gpu-augment", action="store_true", help="train with --gpu-augment (augmentation on the GPU)")
     add("--data", default="", help="a converted data.yaml with train/val/test (default: convert --bccd)")
-    add("--bccd", default="", help="the BCCD Pascal VOC folder (default: ../shared/datasets/bccd)")
+    add("--bccd", default="", help="the BCCD Pascal VOC folder (default: data/bccd)")
     add("--work", default=str(RUNS_DIR / work_name), help="folder for the runs, their logs and the results")
     add("--reuse", action="store_true",
         help="keep the finished runs of an earlier call in --work whose command is unchanged, instead of rerunning")

@@ -13,7 +13,7 @@ timed over ``--batches`` batches after ``--warmup`` batches (the loader restarts
   ``GPUAugment`` on the device;
 - (d) ``GPUAugment`` alone on one batch already on the device (its own ceiling).
 
-``--data bccd`` (default) converts ../shared/datasets/bccd into a temporary folder first;
+``--data bccd`` (default) converts the bundled data/bccd into a temporary folder first;
 ``--data synthetic`` (or ``--synthetic``) uses the built-in synthetic set. The output is a markdown
 table with the machine and the date; ``--out`` also writes it as JSON.
 """
@@ -45,7 +45,7 @@ from utils.gpu_augment import GPUAugment
 from utils.log import LOGGER, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
-BCCD_ROOT = ROOT.parent / "shared" / "datasets" / "bccd"
+BCCD_ROOT = ROOT / "data" / "bccd"  # bundled in the repository
 SYNTHETIC_YAML = ROOT / "data" / "synthetic.yaml"
 DEFAULT_HYP = ROOT / "hyp" / "hyp.scratch-high.yaml"
 DEFAULT_WORKERS = 8

@@ -27,7 +27,7 @@ import torch
 from benchmarks.common import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
-BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
+BCCD = ROOT / "data" / "bccd"  # bundled in the repository
 BCCD_CLASSES = ["RBC", "WBC", "Platelets"]
 EVAL_BATCH = 32  # images per DetectionStats.update, as the validation loop feeds them
 JITTER = 0.06  # box-side noise as a fraction of the box size

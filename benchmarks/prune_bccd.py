@@ -32,7 +32,7 @@ from utils.export_onnx import export_onnx
 from utils.model_info import count_params, gflops
 
 ROOT = Path(__file__).resolve().parents[1]
-BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
+BCCD = ROOT / "data" / "bccd"  # bundled in the repository
 MEGA = 1e6
 
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
+BCCD = ROOT / "data" / "bccd"  # bundled in the repository (data/bccd/SOURCE.md)
 
 torch.set_num_threads(1)
 
@@ -26,7 +26,7 @@ def _seed():
 @pytest.fixture
 def bccd_root() -> Path:
     if not BCCD.is_dir():
-        pytest.skip("BCCD is not available at ../shared/datasets/bccd")
+        pytest.fail(f"{BCCD} is missing: it is part of the repository")
     return BCCD
 
 
