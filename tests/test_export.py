@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import export
+from utils import export_trt
 from models.heads import main_output
 from models.yolo import DetectionModel
 from utils.augment import letterbox
@@ -156,16 +157,21 @@ def test_end2end_ort_model_runs(weights, bccd_root, tmp_path):
 
 
 def test_half_export_runs_in_ort(weights, tmp_path):
-    """fp16 graph (fixed shape): fp16 input and output, close to the fp32 model at fp16 precision."""
+    """FP16 graph (converted after an FP32 trace): FP32 input and output by default, FP16 with
+    fp16_io; close to the FP32 model at FP16 precision; the decode stays FP32 (boxes much closer)."""
     model = export.prepare_model(weights["yolov9-tiny"], torch.device("cpu"))
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(images)
-    path = export_onnx(model.half(), tmp_path / "half.onnx", 64, half=True, names=NAMES)
-    y = _session(path).run(None, {"images": images.numpy().astype(np.float16)})[0]
-    assert y.dtype == np.float16 and y.shape == tuple(expected.shape)
-    assert np.abs(y[:, :4].astype(np.float32) - expected[:, :4].numpy()).max() <= HALF_TOL * expected[:, :4].abs().max()
-    assert np.abs(y[:, 4:].astype(np.float32) - expected[:, 4:].numpy()).max() <= HALF_TOL
+    for fp16_io in (False, True):
+        path = export_onnx(model, tmp_path / f"half-{fp16_io}.onnx", 64, precision="fp16", fp16_io=fp16_io, names=NAMES)
+        dtype = np.float16 if fp16_io else np.float32
+        y = _session(path).run(None, {"images": images.numpy().astype(dtype)})[0]
+        assert y.dtype == dtype and y.shape == tuple(expected.shape)
+        assert read_metadata(path)["precision"] == "fp16"
+        box_err = np.abs(y[:, :4].astype(np.float32) - expected[:, :4].numpy()).max()
+        assert box_err <= HALF_TOL * expected[:, :4].abs().max()
+        assert np.abs(y[:, 4:].astype(np.float32) - expected[:, 4:].numpy()).max() <= HALF_TOL
 
 
 def test_end2end_trt_graph_has_plugin(weights, tmp_path):
@@ -189,7 +195,7 @@ def test_end2end_trt_graph_has_plugin(weights, tmp_path):
 def test_cli_onnx_and_missing_tensorrt(weights, tmp_path, monkeypatch, capsys):
     """Static transposed export with onnxslim through the CLI; without TensorRT the trtexec line is
     printed and main returns normally (exit code 0)."""
-    monkeypatch.setattr(export, "tensorrt_available", lambda: False)
+    monkeypatch.setattr(export_trt, "tensorrt_available", lambda: False)
     src = tmp_path / "student.pt"
     src.write_bytes(weights["mobilenetv3-small"].read_bytes())
     written = export.main(["--weights", str(src), "--include", "onnx", "engine", "--img", "64", "--batch", "2",
@@ -197,8 +203,14 @@ def test_cli_onnx_and_missing_tensorrt(weights, tmp_path, monkeypatch, capsys):
     onnx_path = tmp_path / "student.onnx"
     assert written == [onnx_path]
     out = capsys.readouterr().out
-    assert (f"trtexec --onnx={onnx_path} --saveEngine={tmp_path / 'student.engine'} --fp16 "
-            "--memPoolSize=workspace:2048M") in out
+    engine = tmp_path / "student.engine"
+    layers = tmp_path / "student.layers.json"
+    # an FP32 ONNX: TensorRT 10's deprecated weak --fp16, nothing on 11 (FP32 engine), and the advice
+    assert (f"TensorRT 10: trtexec --onnx={onnx_path} --saveEngine={engine} --fp16 --memPoolSize=workspace:2048M "
+            f"--profilingVerbosity=detailed --exportLayerInfo={layers}") in out
+    assert (f"TensorRT 11: trtexec --onnx={onnx_path} --saveEngine={engine} --memPoolSize=workspace:2048M "
+            f"--profilingVerbosity=detailed --exportLayerInfo={layers}") in out
+    assert "Export with --half" in out
     meta = read_metadata(onnx_path)
     assert json.loads(meta["names"]) == NAMES and meta["stride"] == "32" and json.loads(meta["imgsz"]) == [64, 64]
     assert meta["layout"] == "ba-4+nc"
@@ -220,7 +232,10 @@ def test_cli_errors_exit_2(weights, tmp_path, capsys):
              "text file": ["--weights", str(text_file)],
              "not a model": ["--weights", str(plain_dict)],
              "missing": ["--weights", str(tmp_path / "absent.pt")],
-             "half dynamic": ["--weights", good, "--half", "--dynamic"]}
+             "int8 dynamic": ["--weights", good, "--int8", "--data", "data.yaml", "--dynamic"],
+             "too few calibration images": ["--weights", good, "--int8", "--data", "data.yaml", "--calib-images", "8"],
+             "fp16 io without half": ["--weights", good, "--fp16-io"],
+             "trt version": ["--weights", good, "--trt-version", "9"]}
     for case, argv in cases.items():
         with pytest.raises(SystemExit) as info:
             export.main(argv + ["--device", "cpu"])

@@ -197,16 +197,24 @@ class OnnxBackend(Backend):
 
 
 class TensorRTBackend(Backend):
-    """A serialised TensorRT 10 engine; input and output buffers are torch CUDA tensors."""
+    """A serialised TensorRT 10 or 11 engine; input and output buffers are torch CUDA tensors.
+
+    Only the tensor-name API that both versions share is used: ``num_io_tensors``,
+    ``get_tensor_name/mode/shape/dtype``, ``set_input_shape``, ``set_tensor_address`` and
+    ``execute_async_v3`` (the binding-index API left in TensorRT 10). The CUDA stream handling is in
+    :meth:`_new_stream` and :meth:`_launch`, the only CUDA-specific parts.
+    """
 
     kind = "engine"
+    requires_cuda = True
 
-    def __init__(self, weights: Path, device: torch.device, half: bool = False) -> None:
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise UserError("TensorRT is not installed: pip install tensorrt, or run on the device") from None
-        if device.type != "cuda":
+    def __init__(self, weights: Path, device: torch.device, half: bool = False, trt=None) -> None:
+        if trt is None:
+            try:
+                import tensorrt as trt
+            except ImportError:
+                raise UserError("TensorRT is not installed: pip install tensorrt, or run on the device") from None
+        if self.requires_cuda and device.type != "cuda":
             raise UserError(f"--weights {weights}: a TensorRT engine runs on a CUDA device, not --device {device}")
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -234,7 +242,17 @@ class TensorRTBackend(Backend):
                            "using class0, class1, ...")
         super().__init__(class_names, int(meta.get("stride", DEFAULT_STRIDE)), static_hw, device,
                          in_dtype == torch.float16)
-        self.stream = torch.cuda.Stream(device=device)
+        self.stream = self._new_stream()
+
+    def _new_stream(self):
+        return torch.cuda.Stream(device=self.device)
+
+    def _launch(self) -> bool:
+        """Run the context on our stream, ordered after the work already queued on the current one."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        ok = self.context.execute_async_v3(self.stream.cuda_stream)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return ok
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self._in_chunks(images, self.fixed_batch, self._infer)
@@ -252,10 +270,8 @@ class TensorRTBackend(Backend):
             buf = torch.empty(shape, dtype=dtype, device=self.device)
             self.context.set_tensor_address(name, buf.data_ptr())
             buffers[name] = buf
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+        if not self._launch():
             raise RuntimeError("TensorRT execution failed")
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
         if self.layout == "end2end-trt":
             # the EfficientNMS outputs by name when the exporter's names were kept, else in order
             ordered = [buffers.get(n) for n in END2END_TRT_OUTPUTS]

@@ -15,7 +15,12 @@ be strictly above ``conf_thres``, at most ``max_det`` boxes per image, highest s
   sorted by decreasing score. ONNX Runtime (and TensorRT) run it.
 
 Metadata (``onnx.ModelProto.metadata_props``): ``names`` (JSON list), ``stride``, ``imgsz`` (JSON
-[h, w]), ``nc``, ``layout`` (one of ``LAYOUTS``), ``producer``; ``utils.backends`` reads them.
+[h, w]), ``nc``, ``layout`` (one of ``LAYOUTS``), ``precision`` (one of ``PRECISIONS``), ``io_dtype``
+(``float32``/``float16``), ``producer``; ``utils.backends`` and ``utils.export_trt`` read them.
+
+Reduced precision lives in the graph (TensorRT 11 builds only strongly typed networks): ``fp16``
+through :mod:`utils.onnx_precision`, ``int8`` (explicit Q/DQ) through :mod:`utils.quantize`; the
+head's decode and the NMS stay FP32.
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ INPUT_NAME = "images"
 PAD_SCORE = -1.0  # below every real score (scores are sigmoids in [0, 1])
 LAYOUTS = {"plain": "bchw-4+nc", "transpose": "ba-4+nc", "trt": "end2end-trt", "ort": "end2end-ort"}
 PRODUCER = "yolo-distill"
+PRECISIONS = ("fp32", "fp16", "int8", "int8-fp16")
+FP16_QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear take FP16 inputs and scales from opset 19 on
+FLOAT16_TYPE = 10  # onnx.TensorProto.FLOAT16
+NMS_INPUT = "preds"
+NMS_EXAMPLE_ANCHORS = 64  # anchors of the example input when the NMS is traced alone (the axis is dynamic)
 
 
 class ExportHead(nn.Module):
@@ -186,7 +196,7 @@ def _dynamic_axes(end2end: str | None, transpose: bool) -> dict[str, dict[int, s
 
 
 def _trace(wrapper: nn.Module, images: torch.Tensor, path: Path, opset: int, outputs: list[str],
-           dynamic_axes: dict[str, dict[int, str]] | None) -> None:
+           dynamic_axes: dict[str, dict[int, str]] | None, input_name: str = INPUT_NAME) -> None:
     """``torch.onnx.export`` (TorchScript exporter) with the expected warnings silenced."""
     with torch.no_grad(), warnings.catch_warnings():
         # expected here: tracing notes about Python values fixed in the graph (strides, NMS settings),
@@ -196,27 +206,95 @@ def _trace(wrapper: nn.Module, images: torch.Tensor, path: Path, opset: int, out
         warnings.filterwarnings("ignore", message=".*shape inference of TRT::")
         warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
-        torch.onnx.export(wrapper, (images,), str(path), opset_version=opset, input_names=[INPUT_NAME],
+        torch.onnx.export(wrapper, (images,), str(path), opset_version=opset, input_names=[input_name],
                           output_names=outputs, dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False)
 
 
+def _trace_to_proto(wrapper: nn.Module, images: torch.Tensor, opset: int, outputs: list[str],
+                    dynamic_axes: dict[str, dict[int, str]] | None, input_name: str = INPUT_NAME):
+    """Trace ``wrapper`` to an in-memory ``onnx.ModelProto`` (through a temporary file)."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="onnx-") as folder:
+        path = Path(folder) / "graph.onnx"
+        _trace(wrapper, images, path, opset, outputs, dynamic_axes, input_name)
+        return onnx.load(str(path))
+
+
+def _nms_graph(kind: str, nc: int, batch: int, opset: int, dynamic: bool, max_det: int, iou_thres: float,
+               conf_thres: float):
+    """The end-to-end NMS alone (input ``preds [B, 4 + nc, A]`` FP32), to be appended to a typed graph."""
+    wrapper = EndToEnd(nn.Identity(), kind, max_det, iou_thres, conf_thres).eval()
+    preds = torch.rand(batch, 4 + nc, NMS_EXAMPLE_ANCHORS)
+    outputs = list(TRT_OUTPUTS) if kind == "trt" else [ORT_OUTPUT]
+    axes = {name: dims for name, dims in _dynamic_axes(kind, False).items() if name != INPUT_NAME} if dynamic else {}
+    axes[NMS_INPUT] = {0: "batch", 2: "anchors"} if dynamic else {2: "anchors"}
+    return _trace_to_proto(wrapper, preds, opset, outputs, axes, input_name=NMS_INPUT)
+
+
+def _append_nms(graph, nms):
+    """``graph`` (output ``output0``) followed by the NMS graph ``nms`` (input ``preds``)."""
+    import onnx
+
+    nms = onnx.compose.add_prefix(nms, "nms/", rename_inputs=False, rename_outputs=False)
+    nms.ir_version = graph.ir_version
+    return onnx.compose.merge_models(graph, nms, io_map=[(PLAIN_OUTPUT, NMS_INPUT)])
+
+
+def _typed_graph(model: nn.Module, images: torch.Tensor, opset: int, precision: str, dynamic: bool, simplify: bool,
+                 transpose: bool, end2end: str | None, fp16_io: bool, calibration, nms: dict):
+    """Trace the FP32 plain graph, give it its precision (FP16 / INT8 Q/DQ), then append the NMS."""
+    from utils import onnx_precision
+    from utils.quantize import quantize_int8
+
+    head_index = int(model.head.i)
+    axes = _dynamic_axes(None, transpose and not end2end) if dynamic else None
+    graph = _trace_to_proto(ExportHead(model, transpose=transpose and not end2end), images, opset, [PLAIN_OUTPUT],
+                            axes)
+    if precision.startswith("int8"):
+        if calibration is None:
+            raise ValueError("an INT8 export needs calibration settings")
+        graph = quantize_int8(graph, head_index, calibration, stride=int(model.stride.max()))
+    if precision in ("fp16", "int8-fp16"):
+        graph = onnx_precision.to_fp16(graph, onnx_precision.keep_fp32_nodes(graph.graph, head_index))
+        if fp16_io:
+            onnx_precision.fp16_input(graph)
+            if not end2end:  # the NMS outputs are FP32 by the plugin's / operator's contract
+                onnx_precision.fp16_output(graph)
+    if simplify:  # after the conversion: onnxconverter-common cannot convert some of onnxslim's rewrites
+        import onnxslim
+
+        graph = onnxslim.slim(graph)
+    if end2end:
+        graph = _append_nms(graph, _nms_graph(end2end, model.head.nc, images.shape[0], opset, dynamic, **nms))
+    return graph
+
+
 def export_onnx(model: nn.Module, path: str | Path, img_size: int | tuple[int, int], *, batch: int = 1,
-                opset: int = DEFAULT_OPSET, dynamic: bool = False, simplify: bool = False, half: bool = False,
-                transpose: bool = False, end2end: str | None = None, max_det: int = 100, iou_thres: float = 0.45,
-                conf_thres: float = 0.25, names: list[str] | None = None, stride: int = 32) -> Path:
+                opset: int = DEFAULT_OPSET, dynamic: bool = False, simplify: bool = False, precision: str = "fp32",
+                fp16_io: bool = False, calibration=None, transpose: bool = False, end2end: str | None = None,
+                max_det: int = 100, iou_thres: float = 0.45, conf_thres: float = 0.25,
+                names: list[str] | None = None, stride: int = 32) -> Path:
     """Write ``model`` to ``path`` as ONNX and check the result.
 
     Args:
         model: a DetectionModel already fused, in eval mode, ``head.export = True`` (see
-            ``export.prepare_model``); already ``.half()`` when ``half``.
+            ``export.prepare_model``), FP32.
         path: output ``.onnx`` file.
         img_size: input ``(height, width)`` or one side; multiples of ``stride``.
         batch: batch size of the example input (the fixed batch of a static export).
-        dynamic: symbolic batch, height and width axes.
-        half: fp16 graph (input and outputs fp16; fixed shapes only, not with ``dynamic``).
-        simplify: run onnxslim over the graph.
+        dynamic: symbolic batch, height and width axes (not with ``int8``).
+        precision: ``'fp32'``; ``'fp16'`` (FP16 convs, FP32 decode, see :mod:`utils.onnx_precision`);
+            ``'int8'`` (INT8 Q/DQ on every conv input, the rest FP32, see :mod:`utils.quantize`);
+            ``'int8-fp16'`` (both: Q/DQ and FP16 in between, opset >= ``FP16_QDQ_OPSET``).
+        fp16_io: FP16 input (and plain output) instead of FP32, for ``fp16``/``int8-fp16``.
+        calibration: ``utils.quantize.CalibrationSettings`` for the INT8 precisions.
+        simplify: run onnxslim over the graph (before the precision conversion).
         transpose: plain output ``[B, A, 4 + nc]`` instead of ``[B, 4 + nc, A]``.
-        end2end: None, ``'trt'`` or ``'ort'``: NMS inside the graph (see the module docstring).
+        end2end: None, ``'trt'`` or ``'ort'``: NMS inside the graph (see the module docstring); with a
+            reduced precision it is appended after the conversion and stays FP32.
         max_det / iou_thres / conf_thres: the end-to-end NMS settings.
         names / stride: stored in the metadata.
 
@@ -228,41 +306,37 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int | tuple[int, i
 
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
-    if half and dynamic:
-        raise ValueError("an fp16 graph needs fixed shapes (its anchor grid is stored as a constant)")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision.startswith("int8") and dynamic:
+        raise ValueError("INT8 calibration needs fixed shapes (not dynamic)")
+    if precision == "int8-fp16" and opset < FP16_QDQ_OPSET:
+        raise ValueError(f"FP16 Q/DQ scales need opset {FP16_QDQ_OPSET} or newer, not {opset}")
     path = Path(path)
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     device = next(model.parameters()).device
-    images = torch.zeros(batch, 3, height, width, device=device, dtype=torch.float16 if half else torch.float32)
-    if end2end:
-        wrapper: nn.Module = EndToEnd(model, end2end, max_det, iou_thres, conf_thres)
-        outputs = list(TRT_OUTPUTS) if end2end == "trt" else [ORT_OUTPUT]
-        layout = LAYOUTS[end2end]
-    else:
-        wrapper = ExportHead(model, transpose=transpose)
-        outputs = [PLAIN_OUTPUT]
-        layout = LAYOUTS["transpose" if transpose else "plain"]
-    wrapper.eval()
-    head, export_mode = model.head, model.head.export
-    if half:
-        # the exporter has no fp16 Range (torch.arange), which the head uses for its anchor grid;
-        # outside export mode the head caches the grid per input shape, so one forward here lets the
-        # trace store it as a constant instead (hence fixed shapes only)
-        head.export = False
-        with torch.no_grad():
-            model(images)
-    try:
-        _trace(wrapper, images, path, opset, outputs, _dynamic_axes(end2end, transpose) if dynamic else None)
-    finally:
-        head.export = export_mode
-    graph = onnx.load(str(path))
-    if simplify:
-        import onnxslim
+    images = torch.zeros(batch, 3, height, width, device=device)
+    layout = LAYOUTS[end2end] if end2end else LAYOUTS["transpose" if transpose else "plain"]
+    if precision == "fp32":
+        if end2end:
+            wrapper: nn.Module = EndToEnd(model, end2end, max_det, iou_thres, conf_thres)
+            outputs = list(TRT_OUTPUTS) if end2end == "trt" else [ORT_OUTPUT]
+        else:
+            wrapper, outputs = ExportHead(model, transpose=transpose), [PLAIN_OUTPUT]
+        graph = _trace_to_proto(wrapper.eval(), images, opset, outputs,
+                                _dynamic_axes(end2end, transpose) if dynamic else None)
+        if simplify:
+            import onnxslim
 
-        graph = onnxslim.slim(graph)
+            graph = onnxslim.slim(graph)
+    else:
+        nms = {"max_det": max_det, "iou_thres": iou_thres, "conf_thres": conf_thres}
+        graph = _typed_graph(model, images, opset, precision, dynamic, simplify, transpose, end2end, fp16_io,
+                             calibration, nms)
+    io_dtype = "float16" if graph.graph.input[0].type.tensor_type.elem_type == FLOAT16_TYPE else "float32"
     metadata = {"names": json.dumps(list(names or [])), "stride": str(int(stride)),
                 "imgsz": json.dumps([height, width]), "nc": str(len(names or [])), "layout": layout,
-                "producer": PRODUCER}
+                "precision": precision, "io_dtype": io_dtype, "producer": PRODUCER}
     del graph.metadata_props[:]
     for key, value in metadata.items():
         graph.metadata_props.add(key=key, value=value)

@@ -1,30 +1,46 @@
-"""TensorRT engines from ONNX with the TensorRT 10 Python API, or the ``trtexec`` line when it is absent.
+"""TensorRT engines from our ONNX files, for TensorRT 10 and 11, or the ``trtexec`` line when it is absent.
 
-The engine is normally built on the device that runs it (a Jetson Orin Nano): engines are tied to
-the GPU and the TensorRT version. :func:`trtexec_command` prints the line for that; :func:`build_engine`
-builds one here when TensorRT and a CUDA GPU are present.
+TensorRT 11 builds only strongly typed networks: the precision of every layer is the one written in
+the ONNX (FP16 convs from ``export.py --half``, INT8 Q/DQ from ``--int8``), and the weak-typing API
+(``BuilderFlag.FP16``/``INT8``, calibrators, ``trtexec --fp16/--int8/--calib``) is gone. TensorRT 10
+has both: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (``trtexec --stronglyTyped``) and the
+deprecated weak typing. So:
+
+- a typed ONNX (metadata ``precision`` fp16 / int8 / int8-fp16) is built strongly typed on every
+  version, with no precision flag;
+- an FP32 ONNX is built FP32, except on a TensorRT that still has ``BuilderFlag.FP16`` where
+  ``weak_fp16`` lets TensorRT pick FP16 kernels (the TensorRT 10 ``--fp16`` behaviour);
+- after the build the engine's layer precisions are read with the engine inspector, so that an
+  engine whose convolutions fell back to FP32 is reported instead of passing silently.
+
+The engine is normally built on the device that runs it (engines are tied to the GPU and the TensorRT
+version): :func:`trtexec_command` prints the line for that device's TensorRT version.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import shlex
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
 
 from utils.errors import UserError
 from utils.log import LOGGER
 
-MIB = 1 << 20
 GIB = 1 << 30
 ORIN_NANO_WORKSPACE_MIB = 2048  # the Orin Nano shares 8 GB between CPU and GPU; 2 GB leaves room for the rest
 DYNAMIC_MAX_BATCH = 16  # largest batch of the optimisation profile of a --dynamic export
-CALIB_MAX_IMAGES = 512  # entropy calibration converges well before this; more only costs build time
-CALIB_BATCH = 8
 INPUT_NAME = "images"
+TRT_VERSIONS = (10, 11)
+TYPED_PRECISIONS = ("fp16", "int8", "int8-fp16")
+# the precision a typed ONNX promises for its convolutions (int8-fp16: the convs are INT8)
+EXPECTED_CONV_PRECISION = {"fp16": "fp16", "int8": "int8", "int8-fp16": "int8"}
+# at least this share of the engine's convolution layers must run in the promised precision; the
+# rest is the decode's DFL 1x1 conv, which the export keeps in FP32 on purpose
+MIN_TYPED_CONV_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -51,126 +67,209 @@ def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
+def trt_major(trt) -> int:
+    """Major version of an imported ``tensorrt`` module (``'10.3.0'`` -> 10)."""
+    match = re.match(r"(\d+)", str(getattr(trt, "__version__", "")))
+    if not match:
+        raise UserError("cannot read the TensorRT version (tensorrt.__version__)")
+    return int(match.group(1))
+
+
+def onnx_precision(onnx_path: str | Path) -> str:
+    """The ``precision`` metadata of an ONNX file written by export.py (``fp32`` when absent)."""
+    from utils.export_onnx import read_metadata
+
+    return read_metadata(onnx_path).get("precision", "fp32")
+
+
 def _dims(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def trtexec_command(onnx_path: str | Path, engine_path: str | Path, half: bool = True, int8: bool = False,
-                    workspace_mib: int = ORIN_NANO_WORKSPACE_MIB, calib_cache: str | Path | None = None,
+def trtexec_command(onnx_path: str | Path, engine_path: str | Path, trt_version: int, precision: str = "fp32",
+                    weak_fp16: bool = True, workspace_mib: int = ORIN_NANO_WORKSPACE_MIB,
                     profile: ShapeProfile | None = None) -> str:
-    """The ``trtexec`` line that builds the engine on the target device (e.g. a Jetson Orin Nano).
+    """The ``trtexec`` line that builds the engine on a device with TensorRT ``trt_version`` (10 or 11).
 
-    ``profile`` is needed for an ONNX file with dynamic axes (``--minShapes/--optShapes/--maxShapes``);
-    ``calib_cache`` is an INT8 calibration cache written by :func:`build_engine` (``--calib``).
+    A typed ONNX (``precision`` fp16 / int8 / int8-fp16) gets ``--stronglyTyped`` on 10 and no
+    precision flag on 11 (strong typing is the only mode there). An FP32 ONNX gets ``--fp16`` on 10
+    when ``weak_fp16`` (weakly typed, deprecated since 10.12) and nothing on 11 (an FP32 engine).
+    The layer information is saved next to the engine (``<engine>.layers.json``) so that the precision
+    can be checked. ``profile`` is needed for an ONNX file with dynamic axes.
     """
+    if trt_version not in TRT_VERSIONS:
+        raise UserError(f"--trt-version {trt_version}: choose from {', '.join(map(str, TRT_VERSIONS))} or auto")
+    engine_path = Path(engine_path)
     parts = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
-    if half:
+    if precision in TYPED_PRECISIONS:
+        if trt_version == 10:
+            parts.append("--stronglyTyped")
+    elif weak_fp16 and trt_version == 10:
         parts.append("--fp16")
-    if int8:
-        parts.append("--int8")
-        if calib_cache:
-            parts.append(f"--calib={calib_cache}")
     if profile is not None:
         parts += [f"--minShapes={INPUT_NAME}:{_dims(profile.min)}", f"--optShapes={INPUT_NAME}:{_dims(profile.opt)}",
                   f"--maxShapes={INPUT_NAME}:{_dims(profile.max)}"]
-    parts.append(f"--memPoolSize=workspace:{int(workspace_mib)}M")
+    parts += [f"--memPoolSize=workspace:{int(workspace_mib)}M", "--profilingVerbosity=detailed",
+              f"--exportLayerInfo={layer_info_path(engine_path)}"]
     return " ".join(shlex.quote(str(p)) for p in parts)
 
 
-def calibration_batches(images: list[str], img_size: tuple[int, int], batch: int,
-                        limit: int = CALIB_MAX_IMAGES) -> Iterator[np.ndarray]:
-    """Letterboxed RGB float32 batches ``[batch, 3, H, W]`` in [0, 1] (as at inference) for INT8
-    calibration; unreadable images are skipped with a warning, an incomplete last batch is dropped."""
-    import cv2
+def layer_info_path(engine_path: str | Path) -> Path:
+    """Where the engine's layer information (engine inspector JSON) is written: ``<engine>.layers.json``."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.stem + ".layers.json")
 
-    from utils.augment import letterbox
 
-    chunk: list[np.ndarray] = []
-    for path in images[:limit]:
-        image = cv2.imread(str(path))
-        if image is None:
-            LOGGER.warning(f"calibration: cannot read {path}, skipped")
+# ------------------------------------------------------------------------------------ inspection
+_PRECISION_WORDS = (("int8", "int8"), ("half", "fp16"), ("fp16", "fp16"), ("bf16", "bf16"), ("float", "fp32"),
+                    ("fp32", "fp32"), ("int32", "int32"), ("int64", "int64"), ("bool", "bool"))
+
+
+def _tensor_precision(tensor: dict) -> str:
+    """Precision of one tensor entry of the inspector JSON.
+
+    TensorRT 10 writes one ``"Format/Datatype"`` string (e.g. ``"Row major linear FP16 format"``,
+    ``"Thirty-two wide channel vectorized row major Int8 format"``); TensorRT 11 splits it into
+    ``"Format"`` and ``"DataType"`` (e.g. ``"Half"``).
+    """
+    text = str(tensor.get("DataType") or tensor.get("Format/Datatype") or tensor.get("Format") or "").lower()
+    for word, name in _PRECISION_WORDS:
+        if word in text:
+            return name
+    return "unknown"
+
+
+def conv_layer_precisions(info: dict) -> dict[str, str]:
+    """``{layer name: precision of its first input}`` for the convolution layers of an engine's
+    inspector JSON (``get_engine_information(LayerInformationFormat.JSON)``, built with
+    ``ProfilingVerbosity.DETAILED``)."""
+    out = {}
+    for layer in info.get("Layers", []):
+        if not isinstance(layer, dict) or "conv" not in str(layer.get("LayerType", "")).lower():
             continue
-        boxed = letterbox(image, img_size, auto=False)[0]
-        chunk.append(boxed[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255.0)
-        if len(chunk) == batch:
-            yield np.ascontiguousarray(np.stack(chunk))
-            chunk = []
+        inputs = layer.get("Inputs") or [{}]
+        out[str(layer.get("Name", f"layer{len(out)}"))] = _tensor_precision(inputs[0])
+    return out
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, half: bool = True, int8: bool = False,
-                 workspace_gib: float = 4.0, calib_images: list[str] | None = None,
-                 img_size: tuple[int, int] = (640, 640), profile: ShapeProfile | None = None,
-                 calib_batch: int = CALIB_BATCH) -> Path:
-    """Build and serialise an engine with ``build_serialized_network`` (TensorRT 10, CUDA GPU).
+def check_engine_precision(info: dict, precision: str) -> Counter:
+    """Count the convolution layers per precision; UserError when a typed ONNX's promise is broken.
+
+    ``precision`` is the ONNX's (``fp32`` checks nothing). For fp16 / int8 at least
+    ``MIN_TYPED_CONV_SHARE`` of the convolutions must run in that precision.
+    """
+    convs = conv_layer_precisions(info)
+    counts = Counter(convs.values())
+    expected = EXPECTED_CONV_PRECISION.get(precision)
+    if expected is None:
+        return counts
+    if not convs:
+        raise UserError("the engine inspector lists no convolution layer: cannot check the engine's precision "
+                        "(was it built with ProfilingVerbosity.DETAILED?)")
+    share = counts[expected] / len(convs)
+    if share < MIN_TYPED_CONV_SHARE:
+        others = [name for name, p in convs.items() if p != expected][:3]
+        raise UserError(f"the {precision} ONNX gave an engine with {counts[expected]} of {len(convs)} convolutions in "
+                        f"{expected} ({dict(counts)}); e.g. {others}: the TensorRT build fell back, check its log")
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ build
+def build_engine(onnx_path: str | Path, engine_path: str | Path, workspace_gib: float = 4.0,
+                 profile: ShapeProfile | None = None, weak_fp16: bool = True, trt=None) -> Path:
+    """Build and serialise an engine with ``build_serialized_network`` (TensorRT 10 or 11, CUDA GPU).
 
     Args:
-        onnx_path / engine_path: input ONNX, output ``.engine``.
-        half: allow FP16 kernels. int8: allow INT8 kernels, calibrated on ``calib_images``
-            (letterboxed to ``img_size``); the cache is written to ``engine_path`` with ``.calib``.
+        onnx_path / engine_path: input ONNX (ours: its metadata says its precision), output ``.engine``.
         workspace_gib: builder workspace limit.
         profile: optimisation profile, required for ONNX files with dynamic axes.
+        weak_fp16: for an FP32 ONNX only: allow FP16 kernels through ``BuilderFlag.FP16`` where this
+            TensorRT still has it (10.x); ignored for typed ONNX files and on TensorRT 11.
+        trt: the ``tensorrt`` module (tests pass a stand-in); imported when None.
+    Writes ``<engine>.layers.json`` (engine inspector) beside the engine.
     Raises:
-        UserError: the ONNX cannot be parsed, INT8 without images, or the build fails.
+        UserError: the ONNX cannot be parsed, the build fails, or the engine's convolutions are not in
+            the precision the ONNX promises.
     """
-    import tensorrt as trt
-
+    if trt is None:
+        import tensorrt as trt
+    precision = onnx_precision(onnx_path)
+    typed = precision in TYPED_PRECISIONS
+    weak = not typed and weak_fp16 and hasattr(trt.BuilderFlag, "FP16")
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # the flag by name: its bit changed between 10.x and 11.x (ignored there, strong typing is the only mode)
+    flags = 0 if weak else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, trt_logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * GIB))
-    if half or int8:  # INT8 builds keep FP16 for the layers that do not quantise well
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer precisions for the inspector
+    if weak:
+        LOGGER.warning(f"{onnx_path} is FP32: building weakly typed with BuilderFlag.FP16 (deprecated since "
+                       "TensorRT 10.12, removed in 11); export with --half for a strongly typed FP16 engine")
         config.set_flag(trt.BuilderFlag.FP16)
-    optimisation_profile = None
+    elif not typed:
+        LOGGER.warning(f"{onnx_path} is FP32 and this TensorRT builds strongly typed: the engine will be FP32 "
+                       "(export with --half or --int8 for a reduced-precision engine)")
     if profile is not None:
         optimisation_profile = builder.create_optimization_profile()
         optimisation_profile.set_shape(network.get_input(0).name, profile.min, profile.opt, profile.max)
         config.add_optimization_profile(optimisation_profile)
-    if int8:
-        if not calib_images:
-            raise UserError("--int8 needs calibration images: pass --data data.yaml")
-        config.set_flag(trt.BuilderFlag.INT8)
-        cache = Path(engine_path).with_suffix(".calib")
-        config.int8_calibrator = _make_calibrator(trt, calib_images, img_size, calib_batch, cache)
-        if optimisation_profile is not None:
-            config.set_calibration_profile(optimisation_profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT messages above)")
-    Path(engine_path).write_bytes(bytes(serialized))
-    return Path(engine_path)
+    engine_path = Path(engine_path)
+    engine_path.write_bytes(bytes(serialized))
+    info = inspect_engine(trt, trt_logger, bytes(serialized))
+    layer_info_path(engine_path).write_text(json.dumps(info, indent=1))
+    counts = check_engine_precision(info, precision)
+    LOGGER.info(f"TensorRT {trt.__version__} engine {engine_path} ({'weakly' if weak else 'strongly'} typed, "
+                f"ONNX {precision}): convolutions by precision {dict(counts)}")
+    return engine_path
 
 
-def _make_calibrator(trt, images: list[str], img_size: tuple[int, int], batch: int, cache: Path):
-    """An entropy calibrator over letterboxed images; the cache is read from / written to ``cache``."""
-    import torch
+def inspect_engine(trt, trt_logger, serialized: bytes) -> dict:
+    """The engine inspector's JSON of a serialised engine, as a dict."""
+    runtime = trt.Runtime(trt_logger)
+    engine = runtime.deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise UserError("TensorRT cannot load the engine it has just built")
+    inspector = engine.create_engine_inspector()
+    return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            super().__init__()
-            self.batches = calibration_batches(images, img_size, batch)
-            self.device_buffer: torch.Tensor | None = None  # kept alive while TensorRT reads it
 
-        def get_batch_size(self) -> int:
-            return batch
+# ------------------------------------------------------------------------------- export.py step
+DEFAULT_WORKSPACE_GIB = 4.0  # for a build on this machine; the printed device line uses the Orin Nano value
 
-        def get_batch(self, names):
-            host = next(self.batches, None)
-            if host is None:
-                return None
-            self.device_buffer = torch.from_numpy(host).cuda()
-            return [int(self.device_buffer.data_ptr())]
 
-        def read_calibration_cache(self):
-            return cache.read_bytes() if cache.exists() else None
+def engine_or_command(onnx_path: Path, device, img: tuple[int, int], stride: int, batch: int, dynamic: bool,
+                      workspace_gib: float | None, trt_version: str = "auto") -> Path | None:
+    """Build the engine here when TensorRT and a CUDA device are present, else print the ``trtexec``
+    line(s) for the device: for ``trt_version`` 10 or 11, or with ``auto`` for the installed TensorRT
+    (both lines when there is none). Returns the engine path, or None when only printed."""
+    engine_path = onnx_path.with_suffix(".engine")
+    profile = shape_profile(img, batch, stride) if dynamic else None
+    if tensorrt_available() and device.type == "cuda":
+        build_engine(onnx_path, engine_path, workspace_gib=workspace_gib or DEFAULT_WORKSPACE_GIB, profile=profile)
+        return engine_path
+    if trt_version == "auto" and tensorrt_available():
+        import tensorrt
 
-        def write_calibration_cache(self, data) -> None:
-            cache.write_bytes(bytes(data))
-            LOGGER.info(f"INT8 calibration cache: {cache}")
-
-    return EntropyCalibrator()
+        versions = [trt_major(tensorrt)]
+    else:
+        versions = list(TRT_VERSIONS) if trt_version == "auto" else [int(trt_version)]
+    reason = "TensorRT is not installed" if not tensorrt_available() else "no CUDA device selected"
+    workspace_mib = int(workspace_gib * 1024) if workspace_gib else ORIN_NANO_WORKSPACE_MIB
+    precision = onnx_precision(onnx_path)
+    lines = [f"  TensorRT {v}: " + trtexec_command(onnx_path, engine_path, v, precision, workspace_mib=workspace_mib,
+                                                   profile=profile) for v in versions]
+    note = ""
+    if precision == "fp32":
+        note = ("\nThis ONNX is FP32: TensorRT 11 builds it FP32 (10 uses the deprecated --fp16). "
+                "Export with --half (or --int8 --data) for a reduced-precision engine on every version.")
+    print(f"{reason}: build the engine on the device with\n" + "\n".join(lines) + note)
+    return None
