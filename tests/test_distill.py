@@ -1,251 +1,172 @@
-"""Distillation terms, schedules, settings and DistillationLoss on a tiny GELAN-t at 64 px."""
+"""Distillation: terms, schedules, settings, fit checks and DistillationLoss on a tiny GELAN-t (64 px)."""
 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from utils.distill import (
-    ITEM_KEYS,
-    DistillConfig,
-    DistillationLoss,
-    backbone_end,
-    distill_weight_at,
-    flatten_maps,
-    resize_to,
-    set_backbone_trainable,
-    temperature_at,
-)
-from utils.distill_terms import (
-    FEATURE_LOSSES,
-    AttentionTransferLoss,
-    CWDLoss,
-    FeatureAdapter,
-    LocalizationDistillation,
-    MGDLoss,
-    MSEFeatureLoss,
-    PKDLoss,
-    SigmoidKD,
-    SoftmaxKD,
-    anchor_confidence_weights,
-)
+from utils.distill import ITEM_KEYS, DistillConfig, DistillationLoss, DistillStudent, FeatureAdapter
+from utils.distill.loss import flatten_maps
+from utils.distill.schedule import (backbone_end, distill_weight_at, resolve_stop_epoch,
+                                    set_backbone_trainable)
+from utils.distill.terms import (FEATURE_LOSSES, AttentionTransferLoss, CWDLoss, MGDLoss, PKDLoss, binary_kd,
+                                 dfl_kd, softmax_kd)
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 HYP = ROOT / "hyp" / "hyp.distill.yaml"
 HYP_CLASSIC = ROOT / "hyp" / "hyp.distill-classic.yaml"
-NC = 3
-IMG = 64
-BATCH = 2
-REG = 16
+GELAN_T = ROOT / "models" / "detect" / "gelan-t.yaml"
+STUDENT_YAML = ROOT / "models" / "detect" / "yolov9-tiny.yaml"
+NC, IMG, BATCH, REG = 3, 64, 2, 16
 ATOL = 1e-6
 
 
 def load_hyp(path: Path = HYP, **overrides) -> dict:
-    with open(path) as f:
-        hyp = yaml.safe_load(f)
+    hyp = yaml.safe_load(path.read_text())
     hyp.update(overrides)
     return hyp
 
 
 # ------------------------------------------------------------------------------ logit terms
-
-
-@pytest.mark.parametrize("term", [SigmoidKD(), SoftmaxKD()], ids=["sigmoid", "softmax"])
-@pytest.mark.parametrize("weighting", ["none", "confidence", "threshold"])
-def test_logit_kd_zero_when_equal_positive_otherwise(term, weighting):
+def test_binary_kd_zero_when_equal_and_weighs_false_positives_like_misses():
     teacher = torch.randn(2, 50, NC) * 3
-    teacher[:, :10, 0] = 5.0  # some confident anchors so the threshold mask is not empty
-    weights = anchor_confidence_weights(teacher, weighting, gamma=1.0, threshold=0.5)
-    for temperature in (1.0, 4.0):
-        assert term(teacher.clone(), teacher, temperature, weights).abs() < ATOL
-        assert term(torch.randn(2, 50, NC), teacher, temperature, weights) > 1e-3
+    for beta in (0.0, 1.0, 2.0):
+        assert binary_kd(teacher.clone(), teacher, beta).abs().max() < ATOL
+        assert binary_kd(torch.randn(2, 50, NC), teacher, beta).sum() > 1e-3
+    low, high = torch.tensor([[[-3.0]]]), torch.tensor([[[3.0]]])
+    false_positive = binary_kd(high, low)  # teacher says background, the student fires
+    miss = binary_kd(low, high)  # teacher fires, the student misses
+    assert false_positive > 0 and torch.isclose(false_positive, miss, rtol=1e-5)
 
 
-@pytest.mark.parametrize("term", [SigmoidKD(), SoftmaxKD()], ids=["sigmoid", "softmax"])
-def test_logit_kd_does_not_scale_with_anchor_count(term):
-    student, teacher = torch.randn(2, 40, NC), torch.randn(2, 40, NC)
-    weights = anchor_confidence_weights(teacher, "confidence")
-    small = term(student, teacher, 2.0, weights)
-    large = term(student.repeat(1, 5, 1), teacher.repeat(1, 5, 1), 2.0, weights.repeat(1, 5))
-    assert torch.allclose(small, large, rtol=1e-5)
+def test_softmax_and_dfl_kd_zero_when_equal_positive_otherwise():
+    logits = torch.randn(2, 30, NC)
+    assert softmax_kd(logits.clone(), logits, 4.0).abs().max() < ATOL
+    assert softmax_kd(torch.randn(2, 30, NC), logits, 4.0).mean() > 1e-3
+    distri = torch.randn(2, 30, 4 * REG)
+    assert dfl_kd(distri.clone(), distri, REG, 10.0).abs().max() < 1e-5
+    assert dfl_kd(torch.randn(2, 30, 4 * REG), distri, REG, 10.0).mean() > 1e-3
+    assert dfl_kd(distri, distri, REG).shape == (2, 30)
 
 
-def test_threshold_weighting_with_no_confident_anchor_gives_zero():
-    teacher = torch.full((1, 20, NC), -8.0)
-    weights = anchor_confidence_weights(teacher, "threshold", threshold=0.5)
-    loss = SigmoidKD()(torch.randn(1, 20, NC), teacher, 1.0, weights)
-    assert torch.isfinite(loss) and loss == 0
+@pytest.mark.parametrize("name", ["binary", "softmax", "dfl"])
+def test_each_logit_term_pulls_the_student_towards_the_teacher(name):
+    torch.manual_seed(0)
+    width = 4 * REG if name == "dfl" else NC
+    teacher = torch.randn(1, 20, width) * 2
+    student = torch.randn(1, 20, width, requires_grad=True)
+    term = {"binary": lambda s, t: binary_kd(s, t).sum(), "softmax": lambda s, t: softmax_kd(s, t, 2.0).sum(),
+            "dfl": lambda s, t: dfl_kd(s, t, REG, 2.0).sum()}[name]
 
+    def distance(s: torch.Tensor) -> float:
+        if name == "binary":
+            return float((s.sigmoid() - teacher.sigmoid()).abs().sum())
+        groups = (1, 20, 4, REG) if name == "dfl" else (1, 20, NC)
+        return float((s.reshape(groups).softmax(-1) - teacher.reshape(groups).softmax(-1)).abs().sum())
 
-# ---------------------------------------------------------------------------------- LD
-
-
-def test_ld_zero_when_equal_positive_otherwise():
-    teacher = torch.randn(2, 30, 4 * REG)
-    mask = torch.zeros(2, 30, dtype=torch.bool)
-    mask[:, ::3] = True
-    ld = LocalizationDistillation(REG)
-    assert ld(teacher.clone(), teacher, mask, 2.0).abs() < ATOL
-    assert ld(torch.randn(2, 30, 4 * REG), teacher, mask, 2.0) > 1e-3
-
-
-def test_ld_without_foreground_is_zero_not_nan_and_keeps_graph():
-    student = torch.randn(2, 30, 4 * REG, requires_grad=True)
-    loss = LocalizationDistillation(REG)(student, torch.randn(2, 30, 4 * REG),
-                                         torch.zeros(2, 30, dtype=torch.bool), 1.0)
-    assert loss.item() == 0.0
-    loss.backward()
-    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() == 0
-
-
-# ----------------------------------------------------------------------------- feature terms
-
-
-@pytest.mark.parametrize("name", ["mse", "cwd", "pkd", "at"])
-def test_feature_terms_zero_when_equal_positive_otherwise(name):
-    term = FEATURE_LOSSES[name](8)
-    teacher = torch.randn(2, 8, 6, 6)
-    assert term(teacher.clone(), teacher).abs() < 1e-5
-    assert term(torch.randn(2, 8, 6, 6), teacher) > 1e-3
-
-
-def test_pkd_ignores_per_channel_scale_and_shift():
-    teacher = torch.randn(2, 4, 5, 5)
-    scale = torch.rand(1, 4, 1, 1) + 0.5
-    assert PKDLoss(4)(teacher * scale + 3.0, teacher) < 1e-5
-    assert MSEFeatureLoss(4)(teacher * scale + 3.0, teacher) > 1.0
-
-
-def test_cwd_temperature_changes_value():
-    student, teacher = torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5)
-    assert not torch.isclose(CWDLoss(4, tau=1.0)(student, teacher), CWDLoss(4, tau=4.0)(student, teacher))
-
-
-def test_mgd_zero_with_identity_generator_and_no_mask():
-    channels = 4
-    term = MGDLoss(channels, alpha_mgd=1.0, mask_ratio=0.0)
+    before = distance(student.detach())
+    term(student, teacher).backward()
     with torch.no_grad():
-        for conv in (term.generation[0], term.generation[2]):
-            conv.weight.zero_()
-            conv.bias.zero_()
-            conv.weight[range(channels), range(channels), 1, 1] = 1.0  # centre tap: identity
-    teacher = torch.rand(2, channels, 6, 6)  # non-negative, so the ReLU passes it unchanged
-    assert term(teacher.clone(), teacher) < 1e-10
-    assert term(torch.rand(2, channels, 6, 6), teacher) > 1e-3
+        moved = student - 0.5 * student.grad
+    assert distance(moved) < before
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_LOSSES))
+def test_feature_terms_zero_when_equal_positive_otherwise(name):
+    channels = 8
+    term = FEATURE_LOSSES[name](channels)
+    if isinstance(term, MGDLoss):
+        term.eval()
+        torch.nn.init.dirac_(term.generation[0].weight)
+        torch.nn.init.zeros_(term.generation[0].bias)
+        torch.nn.init.dirac_(term.generation[2].weight)
+        torch.nn.init.zeros_(term.generation[2].bias)
+    teacher = torch.rand(2, channels, 6, 6) + 0.1  # positive: the MGD generator's ReLU keeps it
+    assert term(teacher.clone(), teacher) < 1e-5
+    assert term(torch.randn(2, channels, 6, 6), teacher) > 1e-3
+
+
+def test_pkd_standardises_per_channel_over_the_whole_batch():
+    term = PKDLoss(4)
+    teacher = torch.randn(3, 4, 5, 5)
+    scale, shift = torch.rand(1, 4, 1, 1) + 0.5, torch.randn(1, 4, 1, 1)
+    assert term(teacher * scale + shift, teacher) < 1e-5  # one scale/shift per channel: no loss
+    per_image_shift = torch.randn(3, 1, 1, 1) * 3
+    # a per-image shift changes the per-channel statistics over N*H*W (the old per-image form ignored it)
+    assert term(teacher + per_image_shift, teacher) > 0.05
+
+
+def test_cwd_temperature_changes_value_and_attention_sees_both_kinds():
+    a, b = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    assert not torch.isclose(CWDLoss(4, tau=1.0)(a, b), CWDLoss(4, tau=4.0)(a, b))
+    x = torch.rand(1, 4, 5, 5) + 0.1
+    channel_only = x * torch.tensor([1.0, 2.0, 1.0, 1.0]).view(1, 4, 1, 1)
+    assert AttentionTransferLoss(4)(channel_only, x) > 1e-4
 
 
 def test_mgd_masks_only_in_training():
     term = MGDLoss(4, mask_ratio=0.5)
-    student, teacher = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x, t = torch.rand(1, 4, 8, 8), torch.rand(1, 4, 8, 8)
     term.eval()
-    assert term(student, teacher) == term(student, teacher)
+    assert torch.equal(term(x, t), term(x, t))
     term.train()
-    assert term(student, teacher) != term(student, teacher)
+    torch.manual_seed(0)
+    first = term(x, t)
+    torch.manual_seed(1)
+    assert not torch.equal(first, term(x, t))
 
 
-def test_attention_transfer_sees_spatial_and_channel_differences():
-    teacher = torch.rand(1, 4, 6, 6) + 0.1
-    moved = torch.roll(teacher, shifts=2, dims=-1)  # same channel energy, other places
-    reweighted = teacher * torch.tensor([1.0, 2.0, 1.0, 0.5]).view(1, 4, 1, 1)
-    assert AttentionTransferLoss(4)(moved, teacher) > 1e-4
-    assert AttentionTransferLoss(4)(reweighted, teacher) > 1e-4
-
-
-def test_adapter_identity_when_channels_match_and_projects_otherwise():
-    x = torch.randn(2, 8, 4, 4)
-    assert torch.equal(FeatureAdapter(8, 8)(x), x)
-    assert FeatureAdapter(8, 16)(x).shape == (2, 16, 4, 4)
-    assert sum(p.numel() for p in FeatureAdapter(8, 8).parameters()) == 0
-
-
-def test_gradients_reach_student_and_adapter_not_teacher():
-    adapter = FeatureAdapter(6, 8)
-    student = torch.randn(2, 6, 5, 5, requires_grad=True)
-    teacher = torch.randn(2, 8, 5, 5, requires_grad=True)
-    loss = sum(FEATURE_LOSSES[name](8)(adapter(student), teacher) for name in FEATURE_LOSSES)
-    loss = loss + SigmoidKD()(student.flatten(2), teacher[:, :6].flatten(2), 2.0)
-    loss.backward()
-    assert student.grad is not None and student.grad.abs().sum() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
-    assert teacher.grad is None
+def test_adapter_identity_only_when_widths_match_and_not_forced():
+    assert isinstance(FeatureAdapter(8, 8).proj, torch.nn.Identity)
+    assert not isinstance(FeatureAdapter(8, 8, needed=True).proj, torch.nn.Identity)
+    assert FeatureAdapter(8, 16)(torch.rand(2, 8, 3, 3)).shape == (2, 16, 3, 3)
 
 
 # -------------------------------------------------------------------------------- schedules
-
-
-def test_temperature_schedule():
-    assert temperature_at(0, 11, 4.0, 1.0) == 4.0
-    assert temperature_at(5, 11, 4.0, 1.0) == pytest.approx(2.5)
-    assert temperature_at(10, 11, 4.0, 1.0) == 1.0
-    assert temperature_at(50, 11, 4.0, 1.0) == 1.0
-
-
-@pytest.mark.parametrize("schedule, middle", [("constant", 1.0), ("linear", 0.6), ("cosine", 0.6)])
+@pytest.mark.parametrize("schedule, middle", [("constant", 1.0), ("linear", 0.5), ("cosine", 0.5)])
 def test_weight_schedule(schedule, middle):
-    end = 1.0 if schedule == "constant" else 0.2
-    assert distill_weight_at(0, 11, schedule, 0.2) == 1.0
-    assert distill_weight_at(5, 11, schedule, 0.2) == pytest.approx(middle)
-    assert distill_weight_at(10, 11, schedule, 0.2) == pytest.approx(end)
-    assert distill_weight_at(7, 11, schedule, 0.2, stop_epoch=8) > 0
-    assert distill_weight_at(8, 11, schedule, 0.2, stop_epoch=8) == 0.0
-    assert distill_weight_at(9.5, 11, schedule, 0.2, stop_epoch=8) == 0.0
+    assert distill_weight_at(0, 11, schedule, end=0.0) == pytest.approx(1.0)
+    assert distill_weight_at(5, 11, schedule, end=0.0) == pytest.approx(middle)
+    assert distill_weight_at(10, 11, schedule, end=0.2) == pytest.approx(1.0 if schedule == "constant" else 0.2)
+    assert distill_weight_at(7, 11, schedule, stop_epoch=7) == 0.0
 
 
-def test_cosine_decays_slower_than_linear_early():
-    assert distill_weight_at(2, 11, "cosine", 0.0) > distill_weight_at(2, 11, "linear", 0.0)
+def test_stop_at_close_mosaic_resolves_to_the_closing_epoch():
+    assert resolve_stop_epoch("close_mosaic", 40, close_mosaic=10) == 30
+    assert resolve_stop_epoch("close_mosaic", 40, close_mosaic=0) == -1
+    assert resolve_stop_epoch(12, 40, close_mosaic=10) == 12
 
 
-# ---------------------------------------------------------------------------- settings
-
-
-def test_recipes_hold_scratch_high_values_and_parse():
-    base = load_hyp(ROOT / "hyp" / "hyp.scratch-high.yaml")
-    for path in (HYP, HYP_CLASSIC):
-        hyp = load_hyp(path)
-        assert {k: hyp[k] for k in base} == base
-        DistillConfig.from_hyp(hyp)
+def test_recipes_parse_and_the_classic_one_is_kept_as_published():
+    default = DistillConfig.from_hyp(load_hyp())
+    assert default.det_weight == 1.0 and default.cls > 0 and default.box > 0 and default.feat > 0
     classic = DistillConfig.from_hyp(load_hyp(HYP_CLASSIC))
-    assert (classic.alpha, classic.temperature, classic.cls, classic.cls_type) == (0.65, 4.0, 0.6, "softmax")
-    assert (classic.feat, classic.feat_type, classic.box) == (0.4, "mse", 0.0)
+    # 0.65 * detection + 0.35 * (0.6 softmax-KL T=4 + 0.4 MSE)
+    assert classic.det_weight == 0.65 and classic.cls_type == "softmax" and classic.temperature == 4.0
+    assert classic.cls == pytest.approx(0.35 * 0.6) and classic.feat == pytest.approx(0.35 * 0.4)
+    assert classic.feat_type == "mse" and classic.box == 0
+    scratch = yaml.safe_load((ROOT / "hyp" / "hyp.scratch-high.yaml").read_text())
+    for recipe in (HYP, HYP_CLASSIC):  # self-contained: the training keys are scratch-high's
+        hyp = load_hyp(recipe)
+        assert {k: hyp[k] for k in scratch} == scratch
 
 
 @pytest.mark.parametrize("key, value, word", [
-    ("distill_alpha", None, "missing"),
-    ("distill_alpha", 1.5, "distill_alpha"),
-    ("distill_feat_type", "l1", "distill_feat_type"),
-    ("distill_schedule", "step", "distill_schedule"),
-    ("distill_box_mask", "gt", "distill_box_mask"),
-    ("distill_student_layers", "15", "distill_student_layers"),
-    ("freeze_backbone_epochs", 1.5, "freeze_backbone_epochs"),
-])
+    ("distill_alpha", 0.5, "no longer used"), ("distill_temperature_end", 1.0, "no longer used"),
+    ("distill_cls_type", "focal", "must be one of"), ("distill_box", -1.0, "must be a number"),
+    ("distill_stop_epoch", "soon", "close_mosaic"), ("distill_crosskd", "yes", "true or false")])
 def test_bad_settings_raise_user_error(key, value, word):
-    hyp = load_hyp()
-    hyp[key] = value
     with pytest.raises(UserError, match=word):
-        DistillConfig.from_hyp(hyp)
-
-
-def test_resize_to_student_grid():
-    teacher = [torch.randn(1, 5, 12, 12), torch.randn(1, 5, 6, 6)]
-    student = [torch.randn(1, 5, 8, 8), torch.randn(1, 5, 6, 6)]
-    resized = resize_to(teacher, student)
-    assert [tuple(m.shape) for m in resized] == [(1, 5, 8, 8), (1, 5, 6, 6)]
-    assert resized[1] is teacher[1]
-    assert flatten_maps(resized).shape == (1, 64 + 36, 5)
+        DistillConfig.from_hyp(load_hyp(**{key: value}))
 
 
 # ------------------------------------------------------------------ DistillationLoss on a model
-
-GELAN_T = ROOT / "models" / "detect" / "gelan-t.yaml"
-# Concat outputs of gelan-t at P3/P4/P5: other channel counts than the neck outputs, so adapters project.
-TEACHER_CONCAT_LAYERS = [14, 17, 20]
-
-
 @pytest.fixture(scope="module")
 def gelan_pair():
     """A GELAN-t student and an independently initialised GELAN-t teacher (nc=3), built once."""
@@ -264,87 +185,152 @@ def _targets() -> torch.Tensor:
                          [1, 1, 0.50, 0.50, 0.60, 0.60]])
 
 
-def _run(loss_fn, student, teacher, images, teacher_images=None, epoch=0, epochs=10):
-    student_out, student_feats = student(images, feature_layers=loss_fn.student_layers)
-    with torch.no_grad():
-        teacher_out, teacher_feats = teacher(
-            images if teacher_images is None else teacher_images, feature_layers=loss_fn.teacher_layers)
-    return loss_fn(student_out, teacher_out, _targets(), student_feats, teacher_feats, epoch, epochs)
-
-
 def _detection_loss(model, hyp):
     from utils.loss import DetectionLoss
 
     return DetectionLoss(model, hyp)
 
 
-@pytest.mark.parametrize("feat_type, box_mask", [("pkd", "assigner"), ("cwd", "teacher"), ("at", "assigner")])
-def test_distillation_loss_zero_terms_when_student_equals_teacher(gelan_pair, feat_type, box_mask):
+def _run(loss_fn, student, teacher, images, epoch=0, epochs=10):
+    """One distillation loss the way the engine computes it (DistillStudent + the teacher)."""
+    layers = loss_fn.student_layers if loss_fn.uses_features else None
+    out = DistillStudent(student, loss_fn.modules_, layers)(images)
+    with torch.no_grad():
+        if loss_fn.uses_features:
+            teacher_out, teacher_feats = teacher(images, feature_layers=loss_fn.teacher_layers)
+        else:
+            teacher_out, teacher_feats = teacher(images), None
+    return loss_fn(out.preds, teacher_out, _targets(), out.feats, teacher_feats, out.cross, epoch, epochs)
+
+
+@pytest.mark.parametrize("overrides", [{"distill_feat_type": "pkd"}, {"distill_feat_type": "cwd"},
+                                       {"distill_feat_type": "at", "distill_box_teacher_score": True},
+                                       {"distill_crosskd": True, "distill_feat": 0.0}],
+                         ids=["pkd", "cwd", "at", "crosskd"])
+def test_kd_is_zero_when_student_equals_teacher(gelan_pair, overrides):
     student, _ = gelan_pair
     student.train()
     teacher = copy.deepcopy(student)
-    hyp = load_hyp(distill_feat_type=feat_type, distill_box_mask=box_mask, distill_score_threshold=0.0)
+    hyp = load_hyp(**overrides)
     loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
-    images = torch.rand(BATCH, 3, IMG, IMG)
-    loss, items = _run(loss_fn, student, teacher, images)
+    loss, items = _run(loss_fn, student, teacher.train(), torch.rand(BATCH, 3, IMG, IMG))
     assert set(items) == set(ITEM_KEYS)
     assert all(not v.requires_grad and v.dim() == 0 for v in items.values())
     for key in ("distill/cls", "distill/box", "distill/feat", "distill/total"):
         assert items[key].abs() < 1e-4, key
-    share = (1 - hyp["distill_alpha"])
-    detection = (items["box"] + items["cls"] + items["dfl"]) * BATCH
-    assert torch.isclose(loss.detach(), (1 - share) * detection, rtol=1e-4)
+    detection = (items["box"] + items["cls"] + items["dfl"]) * BATCH  # detection keeps weight 1
+    assert torch.isclose(loss.detach(), detection, rtol=1e-4)
 
 
-def test_gradients_reach_student_and_adapters_teacher_stays_fixed(gelan_pair):
-    student, teacher = gelan_pair
-    student, teacher = copy.deepcopy(student).train(), copy.deepcopy(teacher).eval()
-    teacher.requires_grad_(False)
-    hyp = load_hyp(distill_teacher_layers=TEACHER_CONCAT_LAYERS, distill_feat_type="mgd")
-    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
-    assert len(list(loss_fn.trainable_modules().parameters())) > 0
-    assert [a.teacher_channels != a.student_channels for a in loss_fn.adapters] == [True] * 3
-    before = copy.deepcopy(teacher.state_dict())
-    params = list(student.parameters()) + list(loss_fn.trainable_modules().parameters())
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    images = torch.rand(BATCH, 3, IMG, IMG)
-    for step in range(2):
-        optimizer.zero_grad()
-        loss, items = _run(loss_fn, student, teacher, images)
-        loss.backward()
-        if step == 0:
-            assert all(items[k] > 0 for k in ("distill/cls", "distill/box", "distill/feat"))
-            assert student.model[0].conv.weight.grad.abs().sum() > 0
-            assert all(p.grad is not None for p in loss_fn.trainable_modules().parameters())
-            assert all(p.grad is None for p in teacher.parameters())
-        optimizer.step()
-    after = teacher.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-def test_teacher_at_other_input_size_is_resized(gelan_pair):
-    student, teacher = gelan_pair
-    student, teacher = student.train(), teacher.eval()
-    hyp = load_hyp(distill_box_mask="teacher", distill_score_threshold=0.0)
-    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
-    images = torch.rand(BATCH, 3, IMG, IMG)
-    big = torch.nn.functional.interpolate(images, scale_factor=1.5, mode="bilinear")  # 96 px
-    loss, items = _run(loss_fn, student, teacher, images, teacher_images=big)
-    assert torch.isfinite(loss) and items["distill/box"] > 0 and items["distill/feat"] > 0
-
-
-def test_schedule_stop_epoch_leaves_plain_detection(gelan_pair):
+def test_detection_keeps_weight_one_and_kd_is_added(gelan_pair):
     student, teacher = gelan_pair
     student.train()
-    hyp = load_hyp(distill_stop_epoch=3)
+    hyp = load_hyp()
+    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher.eval(), hyp)
+    loss, items = _run(loss_fn, student, teacher, torch.rand(BATCH, 3, IMG, IMG))
+    assert all(items[k] > 0 for k in ("distill/cls", "distill/box", "distill/feat"))
+    expected = (items["box"] + items["cls"] + items["dfl"] + items["distill/total"]) * BATCH
+    assert torch.isclose(loss.detach(), expected, rtol=1e-5)
+    weighted = items["distill/cls"] + items["distill/box"] + items["distill/feat"]
+    assert torch.isclose(items["distill/total"], weighted)  # w = 1 (constant schedule)
+
+
+def _maps_from_flat(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of flatten_maps: ``[B, A, no]`` -> maps shaped like ``like``."""
+    maps, start = [], 0
+    for ref in like:
+        count = ref.shape[2] * ref.shape[3]
+        maps.append(flat[:, start:start + count].transpose(1, 2).reshape(ref.shape))
+        start += count
+    return maps
+
+
+def test_normalisers_match_the_detection_loss(gelan_pair):
+    """A teacher whose class probabilities ARE the assigner's targets: binary KD (beta 0) then equals
+    the detection cls term (BCE / target_scores_sum) minus the targets' own entropy."""
+    student, _ = gelan_pair
+    student.train()
+    hyp = load_hyp(distill_cls_beta=0.0, distill_feat=0.0)
+    detection = _detection_loss(student, hyp)
+    loss_fn = DistillationLoss(detection, student, copy.deepcopy(student), hyp)
+    maps = student(torch.rand(BATCH, 3, IMG, IMG))
+    items, main = detection.branch_loss(maps, _targets())
+    assert main.fg_mask.sum() >= 3
+    probs = main.target_scores.clamp(1e-12, 1 - 1e-6)  # 0 -> 1e-12: BCE against it is unchanged
+    flat = flatten_maps([m.detach() for m in maps]).clone()
+    flat[..., 4 * REG:] = torch.log(probs / (1 - probs))
+    terms = loss_fn._logit_terms(maps, _maps_from_flat(flat, maps), main)
+    entropy = torch.nn.functional.binary_cross_entropy(probs, probs, reduction="sum") / main.target_scores_sum
+    assert torch.isclose(terms["cls"] + entropy, items[1] / detection.cls_gain, rtol=1e-4)
+    # box KD: LD on the positives weighted like DFL, over the same normaliser
+    student_distri = flatten_maps(maps)[..., :4 * REG]
+    weight = main.target_scores.sum(-1) * main.fg_mask
+    manual = (dfl_kd(student_distri, flat[..., :4 * REG], REG, loss_fn.config.box_temperature) * weight).sum()
+    assert torch.isclose(terms["box"], manual / main.target_scores_sum, rtol=1e-5)
+    # a repeated batch changes KD exactly as it changes the detection terms (same normaliser, with
+    # its floor of 1 for a batch with few matches)
+    maps2 = [torch.cat([m, m]) for m in maps]
+    targets2 = torch.cat([_targets(), _targets() + torch.tensor([BATCH, 0, 0, 0, 0, 0])])
+    items2, main2 = detection.branch_loss(maps2, targets2)
+    terms2 = loss_fn._logit_terms(maps2, _maps_from_flat(torch.cat([flat, flat]), maps2), main2)
+    assert torch.isclose(terms2["cls"] / items2[1], terms["cls"] / items[1], rtol=1e-4)
+    assert torch.isclose(terms2["box"] / items2[2], terms["box"] / items[2], rtol=1e-4)
+
+
+def test_gradients_reach_student_and_connectors_teacher_stays_fixed(gelan_pair):
+    student, teacher = copy.deepcopy(gelan_pair[0]).train(), copy.deepcopy(gelan_pair[1]).eval()
+    teacher.requires_grad_(False)
+    hyp = load_hyp(distill_teacher_layers=[14, 17, 20], distill_feat_type="mgd")  # other widths: connectors
     loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
-    assert loss_fn.schedule(2, 10)[0] > 0 and loss_fn.schedule(3, 10)[0] == 0
-    student_out = student(torch.rand(BATCH, 3, IMG, IMG))
-    # after the stop epoch the engine may skip the teacher: no teacher output is needed
-    loss, items = loss_fn(student_out, None, _targets(), None, None, epoch=3, epochs=10)
-    assert items["distill/total"] == 0
-    detection = (items["box"] + items["cls"] + items["dfl"]) * BATCH
-    assert torch.isclose(loss.detach(), detection, rtol=1e-5)
+    trainable = list(loss_fn.trainable_modules().parameters())
+    assert trainable and all(a.teacher_channels != a.student_channels for a in loss_fn.modules_.adapters)
+    before = copy.deepcopy(teacher.state_dict())
+    optimizer = torch.optim.SGD(list(student.parameters()) + trainable, lr=0.01, momentum=0.9)
+    for step in range(2):
+        optimizer.zero_grad()
+        loss, items = _run(loss_fn, student, teacher, torch.rand(BATCH, 3, IMG, IMG))
+        loss.backward()
+        if step == 0:
+            assert student.model[0].conv.weight.grad.abs().sum() > 0
+            assert all(p.grad is not None for p in trainable)
+            assert all(p.grad is None for p in teacher.parameters())
+        optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_crosskd_trains_the_student_through_the_teachers_final_convs(gelan_pair):
+    student, teacher = copy.deepcopy(gelan_pair[0]).train(), copy.deepcopy(gelan_pair[1]).eval()
+    teacher.requires_grad_(False)
+    hyp = load_hyp(distill_crosskd=True, distill_feat=0.0)
+    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
+    out = DistillStudent(student, loss_fn.modules_, None)(torch.rand(BATCH, 3, IMG, IMG))
+    assert [c.shape for c in out.cross] == [m.shape for m in out.preds]
+    assert not student.head.cv2[0][1]._forward_hooks  # the capture hooks are gone after the pass
+    with torch.no_grad():
+        teacher_out = teacher(torch.rand(BATCH, 3, IMG, IMG))
+    _, items = loss_fn(out.preds, teacher_out, _targets(), None, None, out.cross)
+    kd = loss_fn.config.cls * loss_fn._logit_terms(out.cross, teacher_out, loss_fn._detection_with_targets(
+        out.preds, _targets())[2])["cls"]
+    assert torch.isclose(items["distill/cls"], kd.detach(), rtol=1e-5)
+    student.zero_grad()
+    kd.backward()
+    hidden_conv, final_conv = student.head.cv3[0][1].conv.weight, student.head.cv3[0][2].weight
+    assert hidden_conv.grad is not None and hidden_conv.grad.abs().sum() > 0
+    assert final_conv.grad is None  # the student's own prediction layer is trained by detection only
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_with_all_kd_weights_zero_the_loss_is_detection(gelan_pair):
+    student, teacher = gelan_pair
+    student.train()
+    hyp = load_hyp(distill_cls=0.0, distill_box=0.0, distill_feat=0.0)
+    detection = _detection_loss(student, hyp)
+    loss_fn = DistillationLoss(detection, student, teacher, hyp)
+    assert loss_fn.weight(0, 10) == 0 and not list(loss_fn.trainable_modules().parameters())
+    maps = student(torch.rand(BATCH, 3, IMG, IMG))
+    loss, items = loss_fn(maps, None, _targets())
+    expected, _ = detection(maps, _targets())
+    assert torch.equal(loss, expected)
 
 
 def test_assigner_path_matches_detection_loss_for_dual_output(gelan_pair):
@@ -353,15 +339,71 @@ def test_assigner_path_matches_detection_loss_for_dual_output(gelan_pair):
     hyp = load_hyp(distill_feat=0.0)
     detection = _detection_loss(student, hyp)
     loss_fn = DistillationLoss(detection, student, teacher, hyp)
-    assert len(loss_fn.adapters) == 0 and not loss_fn.uses_features
     maps = student(torch.rand(BATCH, 3, IMG, IMG))
     dual = [[m * 0.5 for m in maps], maps]  # a dual head's [aux, main] output
     expected, expected_items = detection(dual, _targets())
-    got, got_items, fg_mask = loss_fn._detection(dual, _targets(), need_assigner=True)
+    got, got_items, main = loss_fn._detection_with_targets(dual, _targets())
     assert torch.allclose(got, expected) and torch.allclose(got_items, expected_items)
-    assert fg_mask.shape == (BATCH, flatten_maps(maps).shape[1]) and fg_mask.any()
+    assert main.fg_mask.shape == (BATCH, flatten_maps(maps).shape[1]) and main.fg_mask.any()
 
 
+def test_terms_are_float32_under_autocast(gelan_pair):
+    student, teacher = gelan_pair
+    student.train()
+    hyp = load_hyp()
+    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss, items = _run(loss_fn, student, teacher.eval(), torch.rand(BATCH, 3, IMG, IMG))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(items[k].dtype == torch.float32 for k in ("distill/cls", "distill/box", "distill/feat"))
+
+
+# --------------------------------------------------------------------- the teacher must fit
+def test_teacher_that_does_not_fit_is_refused(gelan_pair):
+    student, teacher = gelan_pair
+    hyp = load_hyp()
+    detection = _detection_loss(student, hyp)
+    other = copy.deepcopy(teacher)
+    other.stride = torch.tensor([16.0, 32.0, 64.0])
+    with pytest.raises(UserError, match=r"strides \[16, 32, 64\] differ"):
+        DistillationLoss(detection, student, other, hyp)
+    other = copy.deepcopy(teacher)
+    other.head.reg_max = 8
+    with pytest.raises(UserError, match="8 DFL bins"):
+        DistillationLoss(detection, student, other, hyp)
+    DistillationLoss(detection, student, other, load_hyp(distill_cls=0.0, distill_box=0.0))  # features: fine
+    other = copy.deepcopy(teacher)
+    other.nc = 5
+    with pytest.raises(UserError, match="5 classes"):
+        DistillationLoss(detection, student, other, hyp)
+
+
+def test_teacher_img_is_refused_for_logit_kd_and_allowed_for_features(gelan_pair):
+    student, teacher = gelan_pair
+    hyp = load_hyp()
+    with pytest.raises(UserError, match="--teacher-img 96"):
+        DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp, img=64, teacher_img=96)
+    features_only = load_hyp(distill_cls=0.0, distill_box=0.0)
+    loss_fn = DistillationLoss(_detection_loss(student, features_only), student, teacher, features_only,
+                               img=64, teacher_img=96)
+    out = DistillStudent(student.train(), loss_fn.modules_, loss_fn.student_layers)(torch.rand(BATCH, 3, IMG, IMG))
+    with torch.no_grad():
+        _, teacher_feats = teacher.eval()(torch.rand(BATCH, 3, 96, 96), feature_layers=loss_fn.teacher_layers)
+    loss, items = loss_fn(out.preds, None, _targets(), out.feats, teacher_feats)
+    assert torch.isfinite(loss) and items["distill/feat"] > 0
+
+
+def test_a_student_of_another_family_fits_a_gelan_teacher(gelan_pair):
+    from models.yolo import DetectionModel
+
+    student = DetectionModel(STUDENT_YAML, nc=NC)
+    hyp = load_hyp(distill_crosskd=True)
+    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, gelan_pair[1], hyp)
+    loss, items = _run(loss_fn, student.train(), gelan_pair[1].eval(), torch.rand(BATCH, 3, IMG, IMG))
+    assert torch.isfinite(loss) and all(items[k] > 0 for k in ("distill/cls", "distill/box", "distill/feat"))
+
+
+# ------------------------------------------------------------------------ two-stage freezing
 def test_freeze_backbone_stops_backbone_gradients(gelan_pair):
     student = copy.deepcopy(gelan_pair[0]).train()
     first_neck = backbone_end(student)
@@ -372,20 +414,6 @@ def test_freeze_backbone_stops_backbone_gradients(gelan_pair):
     neck = [p.grad for layer in student.model[first_neck:] for p in layer.parameters() if p.requires_grad]
     assert backbone and all(g is None for g in backbone)
     assert neck and all(g is not None for g in neck)
-    set_backbone_trainable(student, first_neck, trainable=True)
-    assert all(p.requires_grad for p in student.model[0].parameters())
-
-
-def test_terms_are_float32_under_autocast(gelan_pair):
-    student, teacher = gelan_pair
-    student.train()
-    hyp = load_hyp(distill_box_mask="teacher", distill_score_threshold=0.0)
-    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
-    images = torch.rand(BATCH, 3, IMG, IMG)
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        loss, items = _run(loss_fn, student, teacher.eval(), images)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert all(items[k].dtype == torch.float32 for k in ("distill/cls", "distill/box", "distill/feat"))
 
 
 def test_on_epoch_start_freezes_backbone_for_the_first_epochs(gelan_pair):
@@ -396,3 +424,4 @@ def test_on_epoch_start_freezes_backbone_for_the_first_epochs(gelan_pair):
     for epoch, expected in [(0, False), (1, False), (2, True), (3, True)]:
         loss_fn.on_epoch_start(student, epoch, 10)
         assert first_weight.requires_grad is expected and neck_weight.requires_grad
+    assert math.isfinite(float(loss_fn.weight(0, 10)))

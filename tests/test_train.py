@@ -135,6 +135,22 @@ def test_distillation_logs_terms_and_resumes(tiny_data, tmp_path, monkeypatch):
     assert [int(r["epoch"]) for r in _rows(tmp_path / "cut")] == [0, 1]
 
 
+def test_distillation_with_all_kd_weights_zero_equals_scratch_training(tiny_data, tmp_path):
+    """The control of the distillation benchmark, made exact: same seed, same data order, no KD."""
+    train.main(_args(tiny_data, tmp_path, "teacher0", epochs=1))
+    hyp = tmp_path / "no-kd.yaml"
+    hyp.write_text(f"base: {HYP_LOW}\ndistill_cls: 0.0\ndistill_box: 0.0\ndistill_feat: 0.0\n")
+    train.main(_args(tiny_data, tmp_path, "scratch", epochs=2))
+    train_distill.main(_args(tiny_data, tmp_path, "nokd", epochs=2, extra=(
+        "--teacher", str(tmp_path / "teacher0" / "weights" / "best.pt"), "--hyp", str(hyp))))
+    scratch = load_checkpoint(tmp_path / "scratch" / "weights" / "last.pt")
+    distilled = load_checkpoint(tmp_path / "nokd" / "weights" / "last.pt")
+    assert scratch["state_dict"].keys() == distilled["state_dict"].keys()
+    assert all(torch.equal(v, distilled["state_dict"][k]) for k, v in scratch["state_dict"].items())
+    assert [r["train/box_loss"] for r in _rows(tmp_path / "scratch")] == \
+        [r["train/box_loss"] for r in _rows(tmp_path / "nokd")]
+
+
 def test_teacher_with_other_classes_is_refused(tiny_data, tmp_path, capsys):
     other = generate(tmp_path / "other", n_train=4, n_val=2, img_size=64, seed=1)
     text = Path(other).read_text().replace("nc: 7", "nc: 2")
@@ -148,6 +164,24 @@ def test_teacher_with_other_classes_is_refused(tiny_data, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "classes" in err[0]
+
+
+def test_two_process_ddp_distillation_with_freezing_and_stop(tiny_data, tmp_path):
+    """Under DDP the wrapper is rebuilt when the trainable set changes: backbone frozen in epoch 0,
+    trainable in epoch 1, KD (and its connectors) off from epoch 2."""
+    train.main(_args(tiny_data, tmp_path, "ddp-teacher", epochs=1))
+    hyp = tmp_path / "ddp-kd.yaml"
+    hyp.write_text(f"base: {HYP_DISTILL}\nfreeze_backbone_epochs: 1\ndistill_stop_epoch: 2\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = _args(tiny_data, tmp_path, "ddp-kd", epochs=3, extra=(
+        "--teacher", str(tmp_path / "ddp-teacher" / "weights" / "best.pt"), "--hyp", str(hyp)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           str(ROOT / "train_distill.py"), *common]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = _rows(tmp_path / "ddp-kd")
+    assert len(rows) == 3 and float(rows[2]["distill/total"]) == 0 and float(rows[0]["distill/total"]) > 0
+    assert "student backbone frozen" in result.stderr and "student backbone trainable" in result.stderr
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -186,8 +220,9 @@ def test_hyp_base_is_merged_and_loops_refused(tmp_path):
     from utils.errors import UserError
     from utils.train_setup import load_hyp
 
-    merged = load_hyp(ROOT / "hyp" / "hyp.demo-distill.yaml")
-    assert merged["lr0"] == 0.002 and merged["distill_alpha"] == 0.5 and "base" not in merged
+    merged = load_hyp(ROOT / "hyp" / "hyp.demo-distill.yaml")  # base: [hyp.distill.yaml, hyp.demo.yaml]
+    distill = load_hyp(ROOT / "hyp" / "hyp.distill.yaml")
+    assert merged["lr0"] == 0.002 and merged["distill_cls"] == distill["distill_cls"] and "base" not in merged
     (tmp_path / "a.yaml").write_text("base: b.yaml\nlr0: 0.1\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nlr0: 0.2\n")
     with pytest.raises(UserError, match="loop"):

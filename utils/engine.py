@@ -22,14 +22,15 @@ from utils.checkpoint import load_model, make_checkpoint, save_checkpoint, strip
 from utils.data_config import load_data_config
 from utils.datasets import close_mosaic, create_dataloader
 from utils.device import dist_info, rng_state, seed_everything, select_device, set_rng_state
-from utils.ema import ModelEMA, unwrap
+from utils.distill import DistillStudent
+from utils.ema import ModelEMA, ema_settings, unwrap
 from utils.errors import UserError
 from utils.evaluate import evaluate
 from utils.log import LOGGER
 from utils.loss import DetectionLoss, DistillationLoss
 from utils.metrics import fitness
-from utils.optim import (apply_warmup, build_optimizer, lr_lambda, scaled_weight_decay, warmup_accumulate,
-                         warmup_iterations)
+from utils.optim import (accumulate_steps, apply_warmup, build_optimizer, lr_lambda, scaled_weight_decay,
+                         warmup_accumulate, warmup_iterations)
 from utils.paths import increment_path
 from utils.run_logger import RunLogger
 from utils.train_setup import (build_model, file_sha256, find_resume_checkpoint, freeze_layers, load_hyp,
@@ -108,11 +109,15 @@ class Trainer:
         self._build_data()
         self._build_loss()
         self._build_optimizer()
-        self.ema = ModelEMA(model) if self.dist.is_main else None
+        self.ema = None
+        if self.dist.is_main:
+            decay, tau = ema_settings(self.hyp, self._updates_per_epoch())
+            self.ema = ModelEMA(model, decay=decay, tau=tau)
         self.start_epoch, self.best_fitness, self.stale_epochs = 0, 0.0, 0
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
-        self.train_model = self._wrap(model)
+        self._wrapped_as: tuple | None = None
+        self.train_model = model
         self.logger = RunLogger(self.save_dir, tensorboard=True) if self.dist.is_main else None
         if self.logger is not None and self.resume_ckpt is not None:
             self.logger.truncate(self.start_epoch - 1)
@@ -139,7 +144,10 @@ class Trainer:
         self.detection_loss = DetectionLoss(self.model, self.hyp)
         self.distill_loss = None
         if self.teacher is not None:
-            self.distill_loss = DistillationLoss(self.detection_loss, self.model, self.teacher, self.hyp)
+            opt = self.opt
+            self.distill_loss = DistillationLoss(self.detection_loss, self.model, self.teacher, self.hyp,
+                                                 close_mosaic=opt.close_mosaic, img=opt.img,
+                                                 teacher_img=getattr(opt, "teacher_img", 0) or None)
             self.distill_loss.to(self.device)
             self.student_layers = list(self.distill_loss.student_layers)
             self.teacher_layers = list(self.distill_loss.teacher_layers)
@@ -156,6 +164,30 @@ class Trainer:
         self.lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _updates_per_epoch(self) -> float:
+        batches = len(self.train_loader)
+        if self.opt.max_batches:
+            batches = min(batches, self.opt.max_batches)
+        return batches / accumulate_steps(self.opt.batch)
+
+    def _prepare_train_model(self, epoch: int) -> None:
+        """(Re)build the module that trains this epoch: the student, or the student with the
+        distillation connectors (one module, so one DDP wrap) while KD is on.
+
+        DistributedDataParallel fixes its parameter set when it is built, so the wrapper is rebuilt
+        whenever that set changes: KD switching off (stop epoch) or the backbone (un)freezing.
+        """
+        kd_on = self.distill_loss is not None and self.distill_loss.weight(epoch, self.opt.epochs) > 0
+        state = (kd_on, tuple(p.requires_grad for p in self.model.parameters()))
+        if state == self._wrapped_as:
+            return
+        module: torch.nn.Module = self.model
+        if kd_on:
+            layers = self.student_layers if self.distill_loss.uses_features else None
+            module = DistillStudent(self.model, self.distill_loss.modules_, layers)
+        self.train_model = self._wrap(module)
+        self._wrapped_as = state
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.dist.distributed:
@@ -248,15 +280,13 @@ class Trainer:
             if self.distill_loss is None:
                 preds = self.train_model(imgs)
                 return self.detection_loss(preds, targets)
-            if not self.distill_loss.uses_features:
-                preds, student_feats = self.train_model(imgs), None
-            else:
-                preds, student_feats = self.train_model(imgs, feature_layers=self.student_layers)
-            teacher_out = teacher_feats = None
-            if self.distill_loss.schedule(epoch, self.opt.epochs)[0] > 0:  # after the stop epoch: no teacher
-                teacher_out, teacher_feats = self._teacher_forward(imgs)
-            return self.distill_loss(preds, teacher_out, targets, student_feats, teacher_feats,
-                                     epoch=epoch, epochs=self.opt.epochs)
+            epochs = self.opt.epochs
+            if self.distill_loss.weight(epoch, epochs) == 0:  # no KD this epoch: the teacher is not run
+                return self.distill_loss(self.train_model(imgs), None, targets, epoch=epoch, epochs=epochs)
+            student = self.train_model(imgs)  # DistillStudent: maps, connected features, CrossKD maps
+            teacher_out, teacher_feats = self._teacher_forward(imgs)
+            return self.distill_loss(student.preds, teacher_out, targets, student.feats, teacher_feats,
+                                     student.cross, epoch=epoch, epochs=epochs)
 
     @torch.no_grad()
     def _teacher_forward(self, imgs: torch.Tensor):
@@ -272,13 +302,14 @@ class Trainer:
     def train_one_epoch(self, epoch: int, nb: int) -> dict[str, float]:
         """One pass over the training data; returns the mean of each loss term and images/s."""
         opt, device = self.opt, self.device
+        if self.distill_loss is not None:
+            self.distill_loss.on_epoch_start(self.model, epoch, opt.epochs)
+        self._prepare_train_model(epoch)
         self.train_model.train()
         if self.teacher is not None:
             self.teacher.eval()
         if hasattr(self.train_loader, "sampler") and hasattr(self.train_loader.sampler, "set_epoch"):
             self.train_loader.sampler.set_epoch(epoch)
-        if self.distill_loss is not None and hasattr(self.distill_loss, "on_epoch_start"):
-            self.distill_loss.on_epoch_start(self.model, epoch, opt.epochs)
         bar = tqdm(total=nb, desc=f"epoch {epoch + 1}/{opt.epochs}", disable=not self.dist.is_main,
                    bar_format="{l_bar}{bar:20}{r_bar}", leave=True)
         sums: torch.Tensor | None = None

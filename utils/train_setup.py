@@ -21,8 +21,9 @@ HASH_CHUNK = 1 << 20
 def load_hyp(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read a hyper-parameter yaml into a dict (UserError when missing or not a mapping).
 
-    A file may start from another with ``base: other.yaml`` (relative to its own folder): the base's
-    keys are read first and this file's keys override them.
+    A file may start from others with ``base: other.yaml`` or ``base: [a.yaml, b.yaml]`` (relative to
+    its own folder): the bases are read in order, each overriding the one before, and this file's keys
+    override them all.
     """
     path = Path(path)
     if not path.is_file():
@@ -34,11 +35,13 @@ def load_hyp(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(hyp, dict):
         raise UserError(f"--hyp {path} is not a yaml mapping of hyper-parameters")
     base = hyp.pop("base", None)
-    if base:
-        merged = load_hyp(path.parent / base, _seen + (path.resolve(),))
-        merged.update(hyp)
-        return merged
-    return hyp
+    if not base:
+        return hyp
+    merged: dict = {}
+    for name in [base] if isinstance(base, str) else list(base):
+        merged.update(load_hyp(path.parent / str(name), _seen + (path.resolve(),)))
+    merged.update(hyp)
+    return merged
 
 
 def file_sha256(path: str | Path) -> str:
