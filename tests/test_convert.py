@@ -6,24 +6,29 @@ import cv2
 import numpy as np
 import pytest
 
+from export_fixtures import BCCD, BCCD_BOXES, BCCD_SPLITS
 from utils.convert import convert_coco, convert_voc, main
 from utils.data_config import load_data_config
 from utils.datasets import create_dataloader
 from utils.log import LOGGER
 
-BCCD_SPLITS = {"train": 205, "val": 87, "test": 72}
-BCCD_BOXES = 4886
 
 
 def count_rows(folder) -> int:
     return sum(len(p.read_text().splitlines()) for p in folder.glob("*.txt"))
 
 
-def test_bccd_voc_conversion(bccd_root, tmp_path):
-    dst = tmp_path / "bccd"
-    result = convert_voc(bccd_root, dst)
+@pytest.fixture(scope="module")
+def bccd_converted(tmp_path_factory):
+    """The bundled BCCD converted once for the tests of this module."""
+    dst = tmp_path_factory.mktemp("bccd") / "bccd"
+    return convert_voc(BCCD, dst), dst
+
+
+def test_bccd_voc_conversion(bccd_converted, bccd_root):
+    result, dst = bccd_converted
     assert result.images == BCCD_SPLITS
-    assert result.names == ["RBC", "WBC", "Platelets"]
+    assert result.names == ["RBC", "WBC", "Platelets"]  # data/bccd/classes.txt
     assert result.boxes == BCCD_BOXES
     assert sum(count_rows(dst / "labels" / s) for s in BCCD_SPLITS) == BCCD_BOXES
     degenerate = [p for p in result.problems if "degenerate" in p]
@@ -44,9 +49,9 @@ def test_bccd_voc_conversion(bccd_root, tmp_path):
     assert dataset.counts.get("corrupt", 0) == 0
 
 
-def test_bccd_labels_match_the_xml(bccd_root, tmp_path):
-    convert_voc(bccd_root, tmp_path / "out")
-    rows = np.loadtxt(tmp_path / "out" / "labels" / "val" / "BloodImage_00000.txt", ndmin=2)
+def test_bccd_labels_match_the_xml(bccd_converted):
+    _, dst = bccd_converted
+    rows = np.loadtxt(dst / "labels" / "val" / "BloodImage_00000.txt", ndmin=2)
     # First object of BloodImage_00000.xml: WBC, xmin 260, ymin 177, xmax 491, ymax 376 on 640x480.
     expect = [1, (260 + 491) / 2 / 640, (177 + 376) / 2 / 480, (491 - 260) / 640, (376 - 177) / 480]
     assert np.allclose(rows[0], expect, atol=1e-6)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from utils.convert.writer import (DEFAULT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SPLIT_DIRS,
                                   SPLITS, ConversionResult, Item, Problems, assign_splits, check_box,
-                                  check_fractions, image_size, is_image, note, to_yolo_row, write)
+                                  check_fractions, image_size, is_image, note, split_keys, to_yolo_row,
+                                  write)
 from utils.errors import UserError
 from utils.log import LOGGER
 
@@ -181,14 +182,14 @@ def convert_coco_export(src: str | Path, dst: str | Path, copy: bool = False, na
     datas = [_load(j) for j, _, _ in parts]
     names = _class_list(datas, names, notes)
     index = {n: k for k, n in enumerate(names)}
-    keyed: dict[str, tuple[Item, str | None]] = {}
+    found: list[tuple[Item, str | None]] = []
     for (json_file, images_dir, split), data in zip(parts, datas):
-        for item in _items(json_file, data, images_dir, index, problems, listed_only=True):
-            keyed[f"{images_dir / item.name}"] = (item, split)
+        found += [(item, split) for item in _items(json_file, data, images_dir, index, problems, listed_only=True)]
+    keyed = dict(zip(split_keys([item.image for item, _ in found], src if src.is_dir() else src.parent), found))
     if not keyed:
         problems.log()
         raise UserError(f"{src}: no usable annotated image ("
                         f"{', '.join(f'{n} {k}' for k, n in problems.counts.items()) or 'no image listed'})")
-    split_keys = assign_splits({k: s for k, (_, s) in keyed.items()}, val_fraction, test_fraction, seed, notes)
-    splits = {split: [keyed[k][0] for k in keys] for split, keys in split_keys.items()}
+    keys_by_split = assign_splits({k: s for k, (_, s) in keyed.items()}, val_fraction, test_fraction, seed, notes)
+    splits = {split: [keyed[k][0] for k in keys] for split, keys in keys_by_split.items()}
     return write(dst, splits, names, copy, f"coco {src} {dst}", problems, notes)

@@ -26,7 +26,8 @@ from pathlib import Path
 from utils.convert.voc_layout import ImageIndex, VocFolder, basename, find_layout, split_ids
 from utils.convert.writer import (DEFAULT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION,
                                   ConversionResult, Item, Problems, assign_splits, check_box,
-                                  check_fractions, class_order, image_size, note, to_yolo_row, write)
+                                  check_fractions, class_order, image_size, note, split_keys, to_yolo_row,
+                                  write)
 from utils.errors import UserError
 
 BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
@@ -227,11 +228,11 @@ def convert_voc(src: str | Path, dst: str | Path, copy: bool = False, names: lis
              if not o.error and not (skip_difficult and o.difficult)}
     names = class_order(names, src, found, notes)
     index = {n: k for k, n in enumerate(names)}
-    by_key = {str(e.xml): e for e in entries}
-    split_keys = assign_splits({k: e.split for k, e in by_key.items()}, val_fraction, test_fraction, seed, notes)
+    by_key = dict(zip(split_keys([e.image for e in entries], src), entries))
+    keys_by_split = assign_splits({k: e.split for k, e in by_key.items()}, val_fraction, test_fraction, seed, notes)
     counts = {"difficult": 0, "truncated": 0}
     splits: dict[str, list[Item]] = {}
-    for split, keys in split_keys.items():
+    for split, keys in keys_by_split.items():
         items = splits.setdefault(split, [])
         for key in keys:
             entry = by_key[key]

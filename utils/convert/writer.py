@@ -221,6 +221,13 @@ def assign_splits(split_of: dict[str, str | None], val_fraction: float, test_fra
     return {s: keys for s, keys in out.items() if keys}
 
 
+def split_keys(images: list[Path], src: Path) -> list[str]:
+    """Keys for the deterministic split: the image file names (the split then does not depend on where
+    the export lies or how its folders are spelled), paths below ``src`` where two names clash."""
+    counts = Counter(p.name for p in images)
+    return [p.name if counts[p.name] == 1 else os.path.relpath(p, src) for p in images]
+
+
 def _place_image(src: Path, dst: Path, copy: bool) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.is_symlink() or dst.exists():
