@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     opset = max(opt.opset, FP16_QDQ_OPSET) if kind == "int8-fp16" else opt.opset
     if opset != opt.opset:
         LOGGER.info(f"--opset {opt.opset} -> {opset}: FP16 Q/DQ scales need opset {FP16_QDQ_OPSET}")
-    onnx_path = Path(opt.weights).with_suffix(".onnx")
+    weights = Path(opt.weights)  # best.onnx (FP32), best-fp16.onnx, best-int8.onnx, best-int8-fp16.onnx
+    onnx_path = weights.with_name(weights.stem + ("" if kind == "fp32" else f"-{kind}") + ".onnx")
     export_onnx(model, onnx_path, img, batch=opt.batch, opset=opset, dynamic=opt.dynamic, simplify=opt.simplify,
                 precision=kind, fp16_io=opt.fp16_io, calibration=calib, transpose=opt.transpose,
                 end2end=opt.nms if opt.end2end else None, max_det=opt.topk_all, iou_thres=opt.iou_thres,

@@ -62,8 +62,7 @@ def export_variant(weights: Path, folder: Path, name: str, flags: list[str], img
     source = folder / f"{stem}.pt"
     if not source.exists():
         source.write_bytes(weights.read_bytes())
-    export.main(["--weights", str(source), "--img", str(img), "--device", "cpu", "--include", "onnx", *flags])
-    return source.with_suffix(".onnx")
+    return export.main(["--weights", str(source), "--img", str(img), "--device", "cpu", "--include", "onnx", *flags])[0]
 
 
 def validate(onnx_path: Path, data: str, img: int, work: Path) -> dict:

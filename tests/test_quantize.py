@@ -84,8 +84,8 @@ def test_fp16_graph_keeps_the_decode_fp32(weights, tmp_path):
     no FP16 round trip between two decode nodes, predictions close to the FP32 model."""
     src = tmp_path / "m.pt"
     src.write_bytes(weights.read_bytes())
-    export.main(["--weights", str(src), "--img", str(SIZE), "--half", "--device", "cpu"])
-    path = src.with_suffix(".onnx")
+    path = export.main(["--weights", str(src), "--img", str(SIZE), "--half", "--device", "cpu"])[0]
+    assert path == tmp_path / "m-fp16.onnx"
     model = onnx.load(str(path))
     assert read_metadata(path)["precision"] == "fp16" and read_metadata(path)["io_dtype"] == "float32"
     summary = precision_summary(model)
@@ -159,9 +159,9 @@ def test_int8_qdq_follows_tensorrt_rules(weights, calib_yaml, tmp_path):
     sigmoid) and the conv biases unquantized; ONNX Runtime runs it close to FP32 on real images."""
     src = tmp_path / "m.pt"
     src.write_bytes(weights.read_bytes())
-    export.main(["--weights", str(src), "--img", str(SIZE), "--int8", "--data", str(calib_yaml),
-                 "--calib-images", str(CALIB_IMAGES), "--device", "cpu"])
-    path = src.with_suffix(".onnx")
+    path = export.main(["--weights", str(src), "--img", str(SIZE), "--int8", "--data", str(calib_yaml),
+                        "--calib-images", str(CALIB_IMAGES), "--device", "cpu"])[0]
+    assert path == tmp_path / "m-int8.onnx"
     model = onnx.load(str(path))
     assert read_metadata(path)["precision"] == "int8"
     summary = precision_summary(model)
@@ -200,10 +200,9 @@ def test_int8_mends_and_nms_after_quantization(weights, calib_yaml, tmp_path):
     the quantization (FP32 NMS fed by the FP32 decode) and ONNX Runtime runs the whole graph."""
     src = tmp_path / "e2e.pt"
     src.write_bytes(weights.read_bytes())
-    export.main(["--weights", str(src), "--img", str(SIZE), "--int8", "--data", str(calib_yaml), 
-                 "--int8-exclude-head", "--end2end", "--nms", "ort", "--conf-thres", "0.01",
-                 "--device", "cpu"])
-    path = src.with_suffix(".onnx")
+    path = export.main(["--weights", str(src), "--img", str(SIZE), "--int8", "--data", str(calib_yaml),
+                        "--int8-exclude-head", "--end2end", "--nms", "ort", "--conf-thres", "0.01",
+                        "--device", "cpu"])[0]
     model = onnx.load(str(path))
     meta = read_metadata(path)
     assert meta["precision"] == "int8" and meta["layout"] == "end2end-ort"
