@@ -47,8 +47,9 @@ def read_bccd() -> tuple[dict[str, list[Obj]], dict[str, list[str]]]:
         found = []
         for obj in ET.parse(xml).getroot().iter("object"):
             box = obj.find("bndbox")
-            found.append(Obj(obj.findtext("name"), tuple(int(box.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")),
-                             int(obj.findtext("truncated")), int(obj.findtext("difficult"))))
+            corners = tuple(int(box.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
+            found.append(Obj(obj.findtext("name"), corners, int(obj.findtext("truncated")),
+                             int(obj.findtext("difficult"))))
         objects[xml.stem] = found
     splits = {s: (BCCD / "ImageSets" / "Main" / f"{s}.txt").read_text().split() for s in BCCD_SPLITS}
     return objects, splits

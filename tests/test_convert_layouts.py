@@ -221,18 +221,22 @@ def test_bad_files_are_reported_skipped_and_counted(tmp_path, bccd, capsys, rest
     (src / "orphan.xml").write_text(labelimg_xml("x", "ghost.jpg", "/home/u/ghost.jpg", (640, 480),
                                                  objects[good[0]]))
     shutil.copy(image_of("BloodImage_00003"), src / "lonely.jpg")
+    (src / "fake.jpg").write_text("not a JPEG")  # an image that is none, with its XML
+    (src / "fake.xml").write_text(labelimg_xml("x", "fake.jpg", "/home/u/fake.jpg", None, objects[good[0]]))
     extra = Obj("Neutrophil", (10, 10, 50, 50), 0, 0)
     (src / f"{good[1]}.xml").write_text(labelimg_xml("x", f"{good[1]}.jpg", "p", (640, 480),
                                                      objects[good[1]] + [extra]))
     result = main(["voc", str(src), str(tmp_path / "out"), "--names", "RBC,WBC,Platelets", "--val-fraction", "0.34"])
     assert result.problem_counts == {"unreadable annotation": 2, "annotation without image": 1,
-                                     "image without annotation": 1, "unknown class": 1}
+                                     "unreadable image": 1, "image without annotation": 1, "unknown class": 1}
     assert sum(result.images.values()) == 3
     assert result.boxes == sum(len(objects[s]) for s in good)  # the unknown object is dropped, its image kept
     err = capsys.readouterr().err
-    for name in ("broken.xml", "config.xml", "orphan.xml", "lonely.jpg", f"{good[1]}.xml: object"):
+    for name in ("broken.xml", "config.xml", "orphan.xml", "fake.jpg", "lonely.jpg", f"{good[1]}.xml: object"):
         assert name in err
-    assert "problems: 2 unreadable annotation, 1 annotation without image" in err
+    summary = next(line for line in err.splitlines() if line.startswith("wrote "))
+    for kind, n in result.problem_counts.items():
+        assert f"{n} {kind}" in summary
 
 
 def test_difficult_objects_are_kept_unless_asked(tmp_path, bccd):

@@ -72,7 +72,8 @@ def small_source(tmp_path):
 
 
 def class_ids(root: Path) -> list[int]:
-    return [int(line.split()[0]) for f in sorted((root / "labels").glob("*/*.txt")) for line in f.read_text().splitlines()]
+    files = sorted((root / "labels").glob("*/*.txt"))
+    return [int(line.split()[0]) for f in files for line in f.read_text().splitlines()]
 
 
 def test_convert_block_converts_once_and_again_when_the_source_changes(small_source, tmp_path):

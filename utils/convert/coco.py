@@ -75,13 +75,17 @@ def _items(json_file: Path, data: dict, images_dir: Path, index: dict[str, int],
         file_name = str(info.get("file_name", ""))
         image = images_dir / file_name
         if not file_name or not image.is_file():
-            problems.add("annotation without image", f"{json_file}: image {file_name or '(none)'} (id {info.get('id')}) "
-                                                     f"not found in {images_dir}, skipped")
+            problems.add("annotation without image", f"{json_file}: image {file_name or '(none)'} "
+                                                     f"(id {info.get('id')}) not found in {images_dir}, skipped")
             continue
         seen.add(image.resolve())
         width, height = float(info.get("width") or 0), float(info.get("height") or 0)
         if width <= 0 or height <= 0:
-            width, height = image_size(image)
+            try:
+                width, height = image_size(image)
+            except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for a file that is no image
+                problems.add("unreadable image", f"{image}: not a readable image ({exc}), skipped")
+                continue
         rows = []
         for ann in per_image.get(info.get("id"), []):
             where = f"{json_file}: annotation {ann.get('id')} of {file_name}"

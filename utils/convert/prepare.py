@@ -116,6 +116,8 @@ def ensure_converted(yaml_file: Path, root: Path, spec: Any, names: list[str]) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    written = tmp / "data.yaml"  # its header names the command: name the final folder, not tmp
+    written.write_text(written.read_text().replace(str(tmp), str(root), 1))
     (tmp / MARKER).write_text(json.dumps(wanted))
     _swap_in(tmp, root)
     return root / "data.yaml"

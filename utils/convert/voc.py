@@ -157,7 +157,11 @@ def _read_all(entries: list[_Entry], problems: Problems, notes: list[str]) -> li
         tag = basename(ann.filename).lower()
         if tag and tag not in (entry.image.name.lower(), entry.image.stem.lower()):
             renamed += 1
-        header = image_size(entry.image)
+        try:
+            header = image_size(entry.image)
+        except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for a file that is no image
+            problems.add("unreadable image", f"{entry.image}: not a readable image ({exc}), skipped")
+            continue
         if ann.width <= 0 or ann.height <= 0:
             ann.width, ann.height = header
             sized += 1
