@@ -1,29 +1,39 @@
-"""The distillation proof on BCCD: does a teacher make the student better, and at what cost?
+"""The distillation proof on BCCD: does a teacher make the student better on every seed, and at what cost?
 
-1. Teacher(s): gelan-s trained by train.py (``--teacher-models gelan-s yolov9-s`` adds a second
-   one), or given with ``--teacher a.pt [b.pt]``; each is scored on the test split.
-2. Per seed, per student (yolov9-tiny, gelan-t): trained from scratch by train.py
-   (``--scratch-hyp``), and distilled by train_distill.py from every teacher with every recipe
-   (``--recipes`` hyp files; ``--ablation`` instead derives cls-only, cls+box and cls+box+feat
-   variants of ``--ablation-base`` by zeroing weights), all with the same epochs, batch and seed.
-3. Every run validates on the val split each epoch to pick best.pt; best.pt is scored on the
-   test split. Reported per student and method: test mAP50 and mAP50-95 (mean ± std over
-   seeds), the gap closed = (distilled - scratch) / (teacher - scratch) in test mAP50-95, and the
-   cost: training images/s (results.csv, epochs after the first) of distillation against scratch
-   training of the same student (target: at most 35% slower).
+1. The teacher is trained once by train.py and given with ``--teacher`` (README has its command), or
+   trained here (``--teacher-models``). It is scored on val and test; it must lead the scratch
+   student by ``--min-lead`` (3 points) val mAP50-95, else the report says so and claims nothing.
+2. Per seed, the student (``--student``) is trained by train.py from scratch and by
+   train_distill.py with each method, all with the same epochs, batch, size and seed:
+   - ``default``: the recipe ``--recipe`` (hyp/hyp.distill.yaml);
+   - ``classic``: hyp/hyp.distill-classic.yaml, as published;
+   - ablations of the default: ``crosskd`` (class/box KD through the teacher's final convs),
+     ``no-pkd`` (feature KD off), ``stop-at-close-mosaic`` (KD off when mosaic closes);
+   - controls: ``kd-off`` (all KD weights 0: must reproduce scratch) and ``random-teacher`` (the
+     default recipe from an untrained teacher: must not help).
+   ``--hyp-set KEY=VALUE`` changes every run's hyp alike (e.g. ``ema_epochs=3``).
+3. best.pt is chosen on val (every epoch) and scored on test. Reported per seed and as mean +- std:
+   test and val mAP50-95 / mAP50, the paired difference to scratch (same seed), the gap closed
+   (distilled - scratch) / (teacher - scratch), per-class test AP, training images/s against
+   scratch. A gain is claimed only if it is positive on every seed and its mean exceeds twice its std.
+4. ``--cost-batches N`` measures the training cost alone: each method for N batches (after one
+   warm-up epoch of N batches), one run at a time, images/s against scratch.
 
-    python -m benchmarks.distill_bccd                                 # 100 epochs, 3 seeds
-    python -m benchmarks.distill_bccd --epochs 30 --seeds 0           # short schedule
-    python -m benchmarks.distill_bccd --teacher runs/train/gelan-s/weights/best.pt --ablation
-    python -m benchmarks.distill_bccd --dry-run                       # CPU check, synthetic set
-Results are written after every run; ``--reuse`` continues an interrupted benchmark.
+    python -m benchmarks.distill_bccd --teacher weights/gelan-t-bccd256.pt --epochs 40 --img 256 \\
+        --close-mosaic 10 --hyp-set ema_epochs=3 --jobs 2 --reuse      # the README proof
+    python -m benchmarks.distill_bccd --dry-run                        # CPU check, synthetic set
+Results (JSON and a markdown table) are written after every run; ``--reuse`` continues an
+interrupted benchmark, keeping every finished run whose command is unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 if __package__ in (None, ""):  # started as `python benchmarks/distill_bccd.py`: make the repo importable
@@ -37,109 +47,150 @@ from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_
 from utils.errors import UserError, cli_main
 from utils.log import LOGGER, setup_logging
 
-EPOCHS = 100
-TEACHER_EPOCHS = 100
+EPOCHS = 40
+TEACHER_EPOCHS = 60
 CLOSE_MOSAIC = 10
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_TEACHERS = ("gelan-s",)
-DEFAULT_STUDENTS = ("yolov9-tiny", "gelan-t")
-DEFAULT_RECIPES = ("hyp.distill.yaml", "hyp.distill-classic.yaml")
 SCRATCH = "scratch"
-# ablation variants of the base recipe: the distillation weights set to zero in each
-ABLATION = {"cls": {"distill_box": 0.0, "distill_feat": 0.0}, "cls+box": {"distill_feat": 0.0}, "cls+box+feat": {}}
-MAX_SLOWDOWN = 0.35  # distillation may train at most this much slower than scratch
+DEFAULT = "default"
+RANDOM_TEACHER = "random-teacher"
+NO_KD = {"distill_cls": 0.0, "distill_box": 0.0, "distill_feat": 0.0}
+# method -> (recipe: None = --recipe, else a file in hyp/), hyp overrides
+METHODS: dict[str, tuple[str | None, dict]] = {
+    DEFAULT: (None, {}),
+    "classic": ("hyp.distill-classic.yaml", {}),
+    "crosskd": (None, {"distill_crosskd": True}),
+    "no-pkd": (None, {"distill_feat": 0.0}),
+    "stop-at-close-mosaic": (None, {"distill_stop_epoch": "close_mosaic"}),
+    "kd-off": (None, NO_KD),
+    RANDOM_TEACHER: (None, {}),
+}
+FIRST = (SCRATCH, DEFAULT)  # run for every seed before the other methods: the headline comparison
+MIN_LEAD = 0.03  # the teacher must beat the scratch student by this much val mAP50-95
+CLAIM_SIGMAS = 2.0  # a gain is claimed when positive on every seed and mean > 2 std
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = training_parser(__doc__, EPOCHS, "distill_bccd")
     add = parser.add_argument
-    add("--teacher", nargs="+", default=[], help="trained teacher checkpoint(s); no teacher is trained then")
-    add("--teacher-models", nargs="+", default=list(DEFAULT_TEACHERS),
-        help="teachers to train when --teacher is not given")
+    add("--teacher", default="", help="a trained teacher checkpoint (else one is trained here)")
+    add("--teacher-models", nargs="+", default=["gelan-t"], help="teacher to train when --teacher is not given")
     add("--teacher-epochs", type=int, default=TEACHER_EPOCHS, help="epochs of a teacher trained here")
     add("--teacher-hyp", default="hyp.scratch-high.yaml", help="hyp of a teacher trained here")
-    add("--students", nargs="+", default=list(DEFAULT_STUDENTS), help="student model names or yaml paths")
-    add("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS),
-        help="one scratch and one distilled run per seed")
-    add("--recipes", nargs="+", default=list(DEFAULT_RECIPES), help="distillation hyp files (paths or names in hyp/)")
-    add("--ablation", action="store_true",
-        help="instead of --recipes: cls only, +box, +feat variants of --ablation-base")
-    add("--ablation-base", default="hyp.distill.yaml", help="the recipe the ablation variants come from")
+    add("--student", default="yolov9-tiny", help="student model name or yaml path")
+    add("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="seeds (one run per method and seed)")
+    add("--methods", nargs="+", default=[SCRATCH, *METHODS], help=f"methods to run: {SCRATCH} {' '.join(METHODS)}")
+    add("--recipe", default="hyp.distill.yaml", help="the distillation recipe of 'default' and the ablations")
     add("--scratch-hyp", default="hyp.scratch-high.yaml", help="hyp of the students trained from scratch")
+    add("--hyp-set", nargs="*", default=[], metavar="KEY=VALUE", help="set a hyp key in every run (yaml value)")
     add("--close-mosaic", type=int, default=CLOSE_MOSAIC, help="mosaic off for the last N epochs of every run")
+    add("--jobs", type=int, default=1, help="runs at once (each gets cpus / jobs threads)")
+    add("--min-lead", type=float, default=MIN_LEAD, help="val mAP50-95 lead the teacher needs over scratch")
+    add("--cost-batches", type=int, default=0, help="also time each method alone for N batches (0 = skip)")
     return parser.parse_args(argv)
 
 
-def method_name(recipe: Path) -> str:
-    """A short label of a recipe file: hyp.distill-classic.yaml -> distill-classic."""
-    stem = recipe.stem
-    return stem[len("hyp."):] if stem.startswith("hyp.") else stem
+def parse_hyp_set(items: list[str]) -> dict:
+    """``['ema_epochs=3', 'lr0=0.02']`` -> ``{'ema_epochs': 3, 'lr0': 0.02}`` (values read as yaml)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--hyp-set {item}: give KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
-def ablation_recipes(base: Path, folder: Path) -> list[Path]:
-    """Write the ablation variants of ``base`` into ``folder``; returns their paths (cls, +box, +feat)."""
-    hyp = yaml.safe_load(base.read_text())
-    if not isinstance(hyp, dict):
-        raise UserError(f"--ablation-base {base} is not a yaml mapping of hyper-parameters")
-    needed = sorted({key for zeroed in ABLATION.values() for key in zeroed} | {"distill_cls"})
-    missing = [key for key in needed if key not in hyp]
-    if missing:
-        raise UserError(f"--ablation-base {base} has no {', '.join(missing)}: is it a distillation recipe?")
+def write_hyp(folder: Path, name: str, source: Path, changes: dict) -> Path:
+    """``source`` with ``changes`` applied, written as ``folder/name.yaml`` (unchanged content keeps its path)."""
+    from utils.train_setup import load_hyp
+
+    hyp = {**load_hyp(source), **changes}
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for variant, zeroed in ABLATION.items():
-        path = folder / f"ablation-{variant.replace('+', '-')}.yaml"
-        changes = ", ".join(f"{k}={v}" for k, v in zeroed.items()) or "unchanged"
-        path.write_text(f"# {base.name} with {changes} (written by benchmarks/distill_bccd.py --ablation)\n"
-                        + yaml.safe_dump({**hyp, **zeroed}, sort_keys=False))
-        paths.append(path)
-    return paths
+    path = folder / f"{name}.yaml"
+    described = ", ".join(f"{k}={v}" for k, v in changes.items()) or "unchanged"
+    text = f"# {source.name} with {described} (benchmarks/distill_bccd.py)\n" + yaml.safe_dump(hyp, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
 
 
-def teacher_label(path: Path) -> str:
-    """runs/x/gelan-s/weights/best.pt -> gelan-s; other files by their stem."""
-    return path.parent.parent.name if path.parent.name == "weights" else path.stem
+def method_hyps(opt: argparse.Namespace, folder: Path) -> dict[str, Path]:
+    """The hyp file of every method in ``opt.methods`` (written into ``folder``)."""
+    common = parse_hyp_set(opt.hyp_set)
+    recipe = hyp_file(opt.recipe, "--recipe")
+    hyps = {}
+    for method in opt.methods:
+        if method == SCRATCH:
+            hyps[method] = write_hyp(folder, method, hyp_file(opt.scratch_hyp, "--scratch-hyp"), common)
+            continue
+        if method not in METHODS:
+            raise UserError(f"--methods {method}: unknown; choose from {SCRATCH} {' '.join(METHODS)}")
+        source, changes = METHODS[method]
+        base = hyp_file(source) if source else recipe
+        hyps[method] = write_hyp(folder, method, base, {**changes, **common})
+    return hyps
 
 
-def prepare_teachers(runner: Runner, opt: argparse.Namespace, settings: TrainSettings) -> list[dict]:
-    """Train (or take) the teachers and score each on the test split."""
+def random_teacher(trained: Path, out: Path) -> Path:
+    """An untrained model of the teacher's architecture and classes (seed 0), as our checkpoint."""
+    import torch
+
+    from models.yolo import DetectionModel
+    from utils.checkpoint import load_model, make_checkpoint, save_checkpoint
+
+    if out.is_file():
+        return out
+    template = load_model(trained)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = DetectionModel(template.yaml, nc=int(template.nc))
+    torch.random.set_rng_state(state)
+    model.names = list(template.names.values()) if isinstance(template.names, dict) else list(template.names)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(make_checkpoint(model, epoch=-1), out)
+    return out
+
+
+def prepare_teacher(runner: Runner, opt: argparse.Namespace, settings: TrainSettings) -> dict:
+    """Train (or take) the teacher and score it on val and test."""
     if opt.teacher:
-        found = [Path(t) for t in opt.teacher]
-        for path in found:
-            if not path.is_file():
-                raise UserError(f"--teacher {path} does not exist")
-        teachers = [{"label": teacher_label(p), "best": str(p.resolve()), "dir": str(runner.work / "teachers" /
-                     teacher_label(p)), "trained_here": False} for p in found]
+        path = Path(opt.teacher)
+        if not path.is_file():
+            raise UserError(f"--teacher {path} does not exist")
+        label = path.parent.parent.name if path.parent.name == "weights" else path.stem
+        teacher = {"label": label, "best": str(path.resolve()), "dir": str(runner.work / "teachers" / label),
+                   "trained_here": False}
     else:
+        model = opt.teacher_models[0]
         teacher_settings = TrainSettings(**{**vars(settings), "epochs": opt.teacher_epochs})
-        teachers = []
-        for model in opt.teacher_models:
-            run = runner.train(f"teacher-{Path(model).stem}-s{opt.seeds[0]}", model_cfg(model),
-                               hyp_file(opt.teacher_hyp), opt.seeds[0], teacher_settings)
-            teachers.append({"label": Path(model).stem, **run, "trained_here": True,
-                             "images_s": train_rate(run["dir"])})
-    labels = [t["label"] for t in teachers]
-    if len(set(labels)) != len(labels):
-        raise UserError(f"--teacher: two teachers share a name ({', '.join(labels)}); give distinct files")
-    for teacher in teachers:
-        test = runner.validate(teacher["best"], settings, "test", Path(teacher["dir"]))
-        teacher.update(test_map50=test["map50"], test_map=test["map"])
-        LOGGER.info(f"teacher {teacher['label']}: test mAP50 {test['map50']:.4f}, mAP50-95 {test['map']:.4f}")
-    return teachers
+        run = runner.train(f"teacher-{Path(model).stem}-s{opt.seeds[0]}", model_cfg(model),
+                           hyp_file(opt.teacher_hyp), opt.seeds[0], teacher_settings)
+        teacher = {"label": Path(model).stem, **run, "trained_here": True, "images_s": train_rate(run["dir"])}
+    for task in ("val", "test"):
+        metrics = runner.validate(teacher["best"], settings, task, Path(teacher["dir"]))
+        teacher.update({f"{task}_map50": metrics["map50"], f"{task}_map": metrics["map"],
+                        f"{task}_per_class": _per_class(metrics)})
+    LOGGER.info(f"teacher {teacher['label']}: val mAP50-95 {teacher['val_map']:.4f}, test {teacher['test_map']:.4f}")
+    return teacher
 
 
-def student_run(runner: Runner, student: str, seed: int, settings: TrainSettings, hyp: Path,
-                method: str, teacher: dict | None) -> dict:
-    """One student run (scratch when ``teacher`` is None): train, score best.pt, read its speed."""
-    suffix = method if teacher is None else f"{method}-from-{teacher['label']}"
-    run = runner.train(f"{Path(student).stem}-{suffix}-s{seed}", model_cfg(student), hyp, seed, settings,
-                       teacher=None if teacher is None else Path(teacher["best"]))
+def _per_class(metrics: dict) -> dict[str, float]:
+    return {row["name"]: row["map"] for row in metrics.get("per_class", [])}
+
+
+def student_run(runner: Runner, opt: argparse.Namespace, settings: TrainSettings, method: str, seed: int,
+                hyp: Path, teacher: Path | None) -> dict:
+    """One student run: train (or distil), score best.pt on val and test, read its speed."""
+    student = Path(opt.student).stem
+    run = runner.train(f"{student}-{method}-s{seed}", model_cfg(opt.student, "--student"), hyp, seed, settings,
+                       teacher=teacher)
     val = runner.validate(run["best"], settings, "val", Path(run["dir"]))
     test = runner.validate(run["best"], settings, "test", Path(run["dir"]))
-    return {"student": Path(student).stem, "method": method, "teacher": teacher["label"] if teacher else None,
-            "seed": seed, "hyp": str(hyp), "val_map50": val["map50"], "val_map": val["map"],
-            "test_map50": test["map50"], "test_map": test["map"], "images_s": train_rate(run["dir"]),
-            "wall_s": run["wall_s"], "run_dir": run["dir"], "command": run["command"]}
+    return {"method": method, "seed": seed, "hyp": str(hyp), "val_map50": val["map50"], "val_map": val["map"],
+            "test_map50": test["map50"], "test_map": test["map"], "test_per_class": _per_class(test),
+            "images_s": train_rate(run["dir"]), "wall_s": run["wall_s"], "run_dir": run["dir"],
+            "command": run["command"]}
 
 
 def gap_closed(distilled: float, scratch: float, teacher: float) -> float:
@@ -149,101 +200,155 @@ def gap_closed(distilled: float, scratch: float, teacher: float) -> float:
     return (distilled - scratch) / lead if lead > 0 else math.nan
 
 
-def summarize(runs: list[dict], teachers: list[dict]) -> list[dict]:
-    """One row per (student, method, teacher): means over seeds, gap closed and cost vs scratch."""
-    teacher_map = {t["label"]: t["test_map"] for t in teachers}
-    groups: dict[tuple, list[dict]] = {}
+def summarize(runs: list[dict], teacher: dict) -> list[dict]:
+    """One row per method: means over seeds, paired differences to scratch, gap closed, cost."""
+    by_method: dict[str, dict[int, dict]] = {}
     for run in runs:
-        groups.setdefault((run["student"], run["method"], run["teacher"]), []).append(run)
+        by_method.setdefault(run["method"], {})[run["seed"]] = run
+    scratch = by_method.get(SCRATCH, {})
     rows = []
-    for (student, method, teacher), group in groups.items():
-        scratch = groups.get((student, SCRATCH, None), [])
-        row = {"student": student, "method": method, "teacher": teacher, "seeds": [r["seed"] for r in group],
-               "test_map50": [r["test_map50"] for r in group], "test_map": [r["test_map"] for r in group],
-               "images_s": mean_spread([r["images_s"] for r in group])[0], "gap_closed": math.nan,
-               "slowdown": math.nan}
-        if teacher is not None and scratch:
-            scratch_map = mean_spread([r["test_map"] for r in scratch])[0]
-            row["gap_closed"] = gap_closed(mean_spread(row["test_map"])[0], scratch_map, teacher_map[teacher])
-            row["slowdown"] = 1 - row["images_s"] / mean_spread([r["images_s"] for r in scratch])[0]
+    for method, seeds in by_method.items():
+        group = [seeds[s] for s in sorted(seeds)]
+        row = {"method": method, "seeds": sorted(seeds)}
+        for key in ("test_map", "test_map50", "val_map", "val_map50"):
+            row[key] = [r[key] for r in group]
+        row["images_s"] = mean_spread([r["images_s"] for r in group])[0]
+        classes = sorted({name for r in group for name in r.get("test_per_class", {})})
+        row["test_per_class"] = {c: mean_spread([r["test_per_class"].get(c, math.nan) for r in group])[0]
+                                 for c in classes}
+        paired = [seeds[s]["test_map"] - scratch[s]["test_map"] for s in sorted(seeds) if s in scratch]
+        row["paired_diff"] = paired if method != SCRATCH else []
+        mean, std = mean_spread(paired) if row["paired_diff"] else (math.nan, math.nan)
+        row["claimed"] = bool(len(paired) >= 2 and all(d > 0 for d in paired) and mean > CLAIM_SIGMAS * std)
+        scratch_maps = [scratch[s]["test_map"] for s in sorted(seeds) if s in scratch]
+        row["gap_closed"] = (gap_closed(mean_spread(row["test_map"])[0], mean_spread(scratch_maps)[0],
+                                        teacher["test_map"]) if scratch_maps and method != SCRATCH else math.nan)
+        scratch_rate = mean_spread([r["images_s"] for r in scratch.values()])[0] if scratch else math.nan
+        row["time_vs_scratch"] = scratch_rate / row["images_s"] if row["images_s"] else math.nan
         rows.append(row)
-    return rows
+    order = [SCRATCH, *METHODS]
+    return sorted(rows, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
 
 
-def _percent(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value * 100:.0f}%"
+def _signed(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_spread(values)
+    text = f"{mean * 100:+.1f}" + (f" ± {std * 100:.1f}" if len(values) > 1 else "")
+    return text + " (" + ", ".join(f"{v * 100:+.1f}" for v in values) + ")"
 
 
-def tables(summary: list[dict], runs: list[dict], teachers: list[dict]) -> str:
-    """The summary (teachers first) and the per-run table."""
-    headers = ["student", "method", "teacher", "seeds", "test mAP50", "test mAP50-95", "gap closed",
-               "train images/s", f"slower than scratch (target <= {MAX_SLOWDOWN:.0%})"]
-    cells = [[t["label"] + " (teacher)", "trained here" if t["trained_here"] else "given", "-", "-",
-              fmt(t["test_map50"]), fmt(t["test_map"]), "-", fmt(t.get("images_s"), 1), "-"] for t in teachers]
-    cells += [[r["student"], r["method"], r["teacher"] or "-", len(r["seeds"]), fmt_spread(r["test_map50"]),
-               fmt_spread(r["test_map"]), _percent(r["gap_closed"]), fmt(r["images_s"], 1), _percent(r["slowdown"])]
-              for r in summary]
-    per_run = [[r["student"], r["method"], r["teacher"] or "-", r["seed"], fmt(r["val_map"]), fmt(r["test_map50"]),
-                fmt(r["test_map"]), fmt(r["images_s"], 1), fmt(r["wall_s"], 0)] for r in runs]
-    return (markdown_table(headers, cells) + "\n\nPer run (best.pt chosen on val, scored on test):\n\n"
-            + markdown_table(["student", "method", "teacher", "seed", "val mAP50-95", "test mAP50", "test mAP50-95",
-                              "train images/s", "wall time (s)"], per_run))
+def tables(summary: list[dict], runs: list[dict], teacher: dict, lead_ok: bool | None, costs: dict) -> str:
+    """The teacher line, the summary, per-class AP, the cost table and the per-run table."""
+    lines = [f"Teacher {teacher['label']}: val mAP50-95 {fmt(teacher['val_map'])}, test mAP50-95 "
+             f"{fmt(teacher['test_map'])} (mAP50 {fmt(teacher['test_map50'])})."]
+    if lead_ok is False:
+        lines.append("**The teacher does not lead the scratch student by the required margin: this run claims "
+                     "nothing about distillation.**")
+    headers = ["method", "seeds", "test mAP50-95", "test mAP50", "val mAP50-95", "val mAP50",
+               "vs scratch, test mAP50-95 points (per seed)", "gap closed", "claimed", "train time vs scratch"]
+    cells = [[r["method"], len(r["seeds"]), fmt_spread(r["test_map"]), fmt_spread(r["test_map50"]),
+              fmt_spread(r["val_map"]), fmt_spread(r["val_map50"]), _signed(r["paired_diff"]),
+              "-" if math.isnan(r["gap_closed"]) else f"{r['gap_closed'] * 100:.0f}%",
+              "yes" if r["claimed"] else "no" if r["paired_diff"] else "-",
+              "-" if math.isnan(r["time_vs_scratch"]) else f"{r['time_vs_scratch']:.2f}x"] for r in summary]
+    lines += ["", markdown_table(headers, cells)]
+    classes = sorted({c for r in summary for c in r["test_per_class"]})
+    if classes:
+        per_class = [[teacher["label"] + " (teacher)", *[fmt(teacher.get("test_per_class", {}).get(c)) for c in classes]]]
+        per_class += [[r["method"], *[fmt(r["test_per_class"].get(c)) for c in classes]] for r in summary]
+        lines += ["", "Per-class test AP50-95 (mean over seeds):", "",
+                  markdown_table(["method", *classes], per_class)]
+    if costs:
+        base = costs.get(SCRATCH)
+        cost_cells = [[m, fmt(v, 1), "-" if not base else f"{base / v:.2f}x"] for m, v in costs.items()]
+        lines += ["", "Training cost, each method alone (images/s after a warm-up epoch):", "",
+                  markdown_table(["method", "train images/s", "time vs scratch"], cost_cells)]
+    per_run = [[r["method"], r["seed"], fmt(r["val_map"]), fmt(r["test_map50"]), fmt(r["test_map"]),
+                fmt(r["images_s"], 1), fmt(r["wall_s"], 0)] for r in sorted(runs, key=lambda r: (r["seed"], r["method"]))]
+    lines += ["", "Per run (best.pt chosen on val, scored on test):", "",
+              markdown_table(["method", "seed", "val mAP50-95", "test mAP50", "test mAP50-95", "train images/s",
+                              "wall time (s)"], per_run)]
+    return "\n".join(lines)
+
+
+def measure_costs(runner: Runner, opt: argparse.Namespace, settings: TrainSettings, hyps: dict[str, Path],
+                  teacher: Path) -> dict[str, float]:
+    """Images/s of each method run alone: 2 epochs of ``--cost-batches`` batches, the second timed."""
+    timing = TrainSettings(**{**vars(settings), "epochs": 2, "max_batches": opt.cost_batches, "noval": True,
+                              "close_mosaic": 0})
+    rates = {}
+    for method, hyp in hyps.items():
+        if method in ("kd-off", RANDOM_TEACHER):  # same cost as scratch / default
+            continue
+        run = runner.train(f"cost-{method}", model_cfg(opt.student, "--student"), hyp, opt.seeds[0], timing,
+                           teacher=None if method == SCRATCH else teacher)
+        rates[method] = train_rate(run["dir"])
+    return rates
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     opt = parse_args(argv)
-    check_positive(opt, ("epochs", "batch", "img", "teacher_epochs"))
+    check_positive(opt, ("epochs", "batch", "img", "teacher_epochs", "jobs"))
     apply_dry_run(opt)
     if opt.dry_run:
-        opt.seeds, opt.teacher_epochs = opt.seeds[:1], 1
+        opt.seeds, opt.teacher_epochs, opt.jobs = opt.seeds[:1], 1, 1
         opt.close_mosaic = min(opt.close_mosaic, 1)
-    for model in opt.students:  # a bad name fails here, before any training
-        model_cfg(model, "--students")
-    for model in [] if opt.teacher else opt.teacher_models:
-        model_cfg(model, "--teacher-models")
-    scratch_hyp = hyp_file(opt.scratch_hyp, "--scratch-hyp")
-    hyp_file(opt.teacher_hyp, "--teacher-hyp")
+        opt.cost_batches = min(opt.cost_batches, DRY.max_batches)
+    model_cfg(opt.student, "--student")  # a bad name fails here, before any training
     work = Path(opt.work)
-    if opt.ablation:
-        recipes = ablation_recipes(hyp_file(opt.ablation_base, "--ablation-base"), work / "hyp")
-        methods = [f"ablation-{variant}" for variant in ABLATION]
-    else:
-        recipes = [hyp_file(r, "--recipes") for r in opt.recipes]
-        methods = [method_name(r) for r in recipes]
-    if len(set(methods)) != len(methods):
-        raise UserError(f"--recipes {' '.join(opt.recipes)}: two recipes have the same name")
+    hyps = method_hyps(opt, work / "hyp")
     data = resolve_data(opt)
     settings = TrainSettings.from_args(opt, data, close_mosaic=opt.close_mosaic)
-    runner = Runner(work, reuse=opt.reuse, in_process=opt.in_process, threads=DRY.threads if opt.dry_run else 0)
+    threads = DRY.threads if opt.dry_run else (max(1, (os.cpu_count() or 1) // opt.jobs) if opt.jobs > 1 else 0)
+    runner = Runner(work, reuse=opt.reuse, in_process=opt.in_process and opt.jobs == 1, threads=threads)
     command = command_line("distill_bccd", argv)
     info = machine_info(opt.device)
-    payload = {"benchmark": "distill_bccd", "dry_run": opt.dry_run, "command": command, "machine": info,
-               "settings": {**vars(opt), "data": str(data), "recipes": [str(r) for r in recipes]},
-               "teachers": [], "runs": [], "summary": []}
     out = results_path(opt)
-    payload["teachers"] = teachers = prepare_teachers(runner, opt, settings)
+    payload = {"benchmark": "distill_bccd", "dry_run": opt.dry_run, "command": command, "machine": info,
+               "settings": {**vars(opt), "data": str(data), "hyps": {k: str(v) for k, v in hyps.items()}},
+               "teacher": None, "runs": [], "summary": [], "costs": {}}
+    teacher = payload["teacher"] = prepare_teacher(runner, opt, settings)
+    teacher_path = Path(teacher["best"])
+    untrained = random_teacher(teacher_path, work / "teachers" / "random-teacher.pt")
+    lock = threading.Lock()
+    title = (f"Distillation on {'the dry-run synthetic set' if opt.dry_run else 'BCCD'}: student "
+             f"{Path(opt.student).stem}, {opt.epochs} epochs, batch {opt.batch}, {opt.img} px, close-mosaic "
+             f"{opt.close_mosaic}, seeds {' '.join(map(str, opt.seeds))}, hyp changes {opt.hyp_set or 'none'}")
+
+    def publish() -> None:
+        payload["summary"] = summary = summarize(payload["runs"], teacher)
+        scratch = next((r for r in summary if r["method"] == SCRATCH), None)
+        lead_ok = None if scratch is None else teacher["val_map"] - mean_spread(scratch["val_map"])[0] >= opt.min_lead
+        payload["teacher_leads"] = lead_ok
+        report = report_header(title, info, command, opt.dry_run) + tables(summary, payload["runs"], teacher,
+                                                                           lead_ok, payload["costs"])
+        payload["table"] = report
+        write_results(out, payload)
+        out.with_suffix(".md").write_text(report + "\n")
+
+    def task(method: str, seed: int) -> None:
+        chosen = None if method == SCRATCH else untrained if method == RANDOM_TEACHER else teacher_path
+        result = student_run(runner, opt, settings, method, seed, hyps[method], chosen)
+        with lock:
+            payload["runs"].append(result)
+            publish()
+
+    first = [(m, s) for s in opt.seeds for m in FIRST if m in hyps]
+    rest = [(m, s) for s in opt.seeds for m in hyps if m not in FIRST]
+    with ThreadPoolExecutor(max_workers=opt.jobs) as pool:
+        for future in [pool.submit(task, m, s) for m, s in first + rest]:
+            future.result()
+    if opt.cost_batches:
+        runner.threads = DRY.threads if opt.dry_run else 0
+        payload["costs"] = measure_costs(runner, opt, settings, hyps, teacher_path)
+    publish()
+    payload["commands"] = runner.commands
     write_results(out, payload)
-    for seed in opt.seeds:  # seed outermost: an interrupted benchmark still holds complete comparisons
-        for student in opt.students:
-            LOGGER.info(f"--- {student}, seed {seed}")
-            payload["runs"].append(student_run(runner, student, seed, settings, scratch_hyp, SCRATCH, None))
-            write_results(out, payload)
-            for teacher in teachers:
-                for recipe, method in zip(recipes, methods):
-                    payload["runs"].append(student_run(runner, student, seed, settings, recipe, method, teacher))
-                    payload["summary"] = summarize(payload["runs"], teachers)
-                    write_results(out, payload)
-    payload["summary"] = summary = summarize(payload["runs"], teachers)
-    title = (f"Distillation on {'the dry-run synthetic set' if opt.dry_run else 'BCCD'}: {opt.epochs} epochs, "
-             f"batch {opt.batch}, {opt.img} px, close-mosaic {opt.close_mosaic}, "
-             f"seeds {' '.join(map(str, opt.seeds))}, scratch hyp {scratch_hyp.name}, test split")
-    report = report_header(title, info, command, opt.dry_run) + tables(summary, payload["runs"], teachers)
-    payload.update(table=report, commands=runner.commands)
-    write_results(out, payload)
-    print(report)
-    print(f"\nresults: {out}")
+    print(payload["table"])
+    print(f"\nresults: {out} and {out.with_suffix('.md')}")
     return payload
 
 

@@ -32,7 +32,7 @@ def test_help_as_a_script_from_another_folder(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_bccd.py"), "--help"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "--ablation" in result.stdout and "--teacher" in result.stdout
+    assert "--methods" in result.stdout and "--teacher" in result.stdout
 
 
 def test_bad_model_name_is_one_line_error(tmp_path, capsys):
@@ -68,28 +68,37 @@ def test_train_rate_skips_the_first_epoch(tmp_path):
     assert common.train_rate(tmp_path) == pytest.approx(10.0)  # one epoch: nothing to skip
 
 
-def test_ablation_recipes_zero_the_right_weights(tmp_path):
-    paths = distill_bccd.ablation_recipes(ROOT / "hyp" / "hyp.distill.yaml", tmp_path)
-    hyps = [yaml.safe_load(p.read_text()) for p in paths]
+def test_method_hyps_apply_the_ablation_and_the_common_changes(tmp_path):
+    opt = distill_bccd.parse_args(["--hyp-set", "ema_epochs=3", "lr0=0.02", "--work", str(tmp_path)])
+    hyps = {m: yaml.safe_load(p.read_text()) for m, p in distill_bccd.method_hyps(opt, tmp_path / "hyp").items()}
     base = yaml.safe_load((ROOT / "hyp" / "hyp.distill.yaml").read_text())
-    assert [(h["distill_cls"] > 0, h["distill_box"] > 0, h["distill_feat"] > 0) for h in hyps] == [
-        (True, False, False), (True, True, False), (True, True, True)]
-    assert hyps[-1] == base
-    with pytest.raises(common.UserError, match="ablation-base"):
-        distill_bccd.ablation_recipes(ROOT / "hyp" / "hyp.scratch-high.yaml", tmp_path / "x")
+    assert all(h["ema_epochs"] == 3 and h["lr0"] == 0.02 for h in hyps.values())
+    assert "distill_cls" not in hyps["scratch"]
+    assert hyps["default"] == {**base, "ema_epochs": 3, "lr0": 0.02}
+    assert hyps["crosskd"]["distill_crosskd"] is True and hyps["no-pkd"]["distill_feat"] == 0
+    assert hyps["stop-at-close-mosaic"]["distill_stop_epoch"] == "close_mosaic"
+    assert [hyps["kd-off"][k] for k in ("distill_cls", "distill_box", "distill_feat")] == [0, 0, 0]
+    assert hyps["classic"]["distill_det_weight"] == 0.65
+    with pytest.raises(common.UserError, match="--hyp-set"):
+        distill_bccd.parse_hyp_set(["novalue"])
+    with pytest.raises(common.UserError, match="unknown"):
+        distill_bccd.method_hyps(distill_bccd.parse_args(["--methods", "magic"]), tmp_path / "x")
 
 
-def test_summary_gap_closed_and_slowdown():
-    def run(method, teacher, seed, test_map, rate):
-        return {"student": "s", "method": method, "teacher": teacher, "seed": seed, "test_map50": test_map,
-                "test_map": test_map, "images_s": rate}
+def test_summary_pairs_seeds_and_claims_only_consistent_gains():
+    def run(method, seed, test_map, rate):
+        return {"method": method, "seed": seed, "test_map50": test_map, "test_map": test_map, "val_map": test_map,
+                "val_map50": test_map, "images_s": rate, "test_per_class": {"a": test_map}}
 
-    runs = [run("scratch", None, 0, 0.40, 200.0), run("scratch", None, 1, 0.42, 200.0),
-            run("kd", "t", 0, 0.45, 150.0), run("kd", "t", 1, 0.47, 150.0)]
-    rows = {r["method"]: r for r in distill_bccd.summarize(runs, [{"label": "t", "test_map": 0.51}])}
-    assert rows["kd"]["gap_closed"] == pytest.approx(0.5)  # (0.46 - 0.41) / (0.51 - 0.41)
-    assert rows["kd"]["slowdown"] == pytest.approx(0.25)
-    assert math.isnan(rows["scratch"]["gap_closed"])
+    runs = [run("scratch", 0, 0.40, 200.0), run("scratch", 1, 0.42, 200.0), run("scratch", 2, 0.41, 200.0),
+            run("default", 0, 0.45, 150.0), run("default", 1, 0.47, 150.0), run("default", 2, 0.46, 150.0),
+            run("classic", 0, 0.43, 180.0), run("classic", 1, 0.40, 180.0), run("classic", 2, 0.44, 180.0)]
+    rows = {r["method"]: r for r in distill_bccd.summarize(runs, {"test_map": 0.51})}
+    assert rows["default"]["paired_diff"] == pytest.approx([0.05, 0.05, 0.05])
+    assert rows["default"]["gap_closed"] == pytest.approx(0.5)  # (0.46 - 0.41) / (0.51 - 0.41)
+    assert rows["default"]["time_vs_scratch"] == pytest.approx(200 / 150)
+    assert rows["default"]["claimed"] and not rows["classic"]["claimed"]  # classic loses on seed 1
+    assert math.isnan(rows["scratch"]["gap_closed"]) and not rows["scratch"]["claimed"]
     assert math.isnan(distill_bccd.gap_closed(0.5, 0.4, 0.3))  # teacher behind: no gap to close
 
 
@@ -126,16 +135,17 @@ def test_train_speed_dry_run(tmp_path, capsys):
 
 
 def test_distill_bccd_dry_run(tmp_path, capsys):
-    result = distill_bccd.main(["--dry-run", "--in-process", "--teacher-models", "gelan-t", "--students",
-                                "yolov9-tiny", "--recipes", "hyp.distill.yaml", "--epochs", "1",
-                                "--work", str(tmp_path)])
+    result = distill_bccd.main(["--dry-run", "--in-process", "--teacher-models", "gelan-t", "--methods", "scratch",
+                                "default", "random-teacher", "--epochs", "1", "--work", str(tmp_path),
+                                "--cost-batches", "1"])
     out = capsys.readouterr().out
-    assert "gelan-t (teacher)" in out and "| yolov9-tiny | distill | gelan-t |" in out
-    methods = {(r["method"], r["teacher"]) for r in result["runs"]}
-    assert methods == {("scratch", None), ("distill", "gelan-t")}
-    distilled = next(r for r in result["summary"] if r["method"] == "distill")
-    assert not math.isnan(distilled["slowdown"]) and distilled["images_s"] > 0
-    assert "--teacher" in result["runs"][1]["command"]
+    assert "Teacher gelan-t" in out and "| default | 1 |" in out and "Training cost" in out
+    runs = {r["method"]: r for r in result["runs"]}
+    assert set(runs) == {"scratch", "default", "random-teacher"}
+    assert "--teacher" in runs["default"]["command"] and "--teacher" not in runs["scratch"]["command"]
+    assert "random-teacher.pt" in runs["random-teacher"]["command"]
+    assert set(result["costs"]) == {"scratch", "default"} and result["costs"]["default"] > 0
+    assert (tmp_path / "results.md").read_text().startswith("## Distillation")
 
 
 def test_bccd_is_converted_once_into_the_cache(bccd_root, tmp_path):
