@@ -40,6 +40,7 @@ RUNS_DIR = ROOT / "runs" / "benchmarks"
 DATA_CACHE = RUNS_DIR / "data"  # converted BCCD, shared by every benchmark
 BCCD_CANDIDATES = (ROOT / "data" / "bccd",)  # bundled in the repository
 RUN_MARKER = "benchmark-run.json"  # written into a run folder once its command succeeded
+PENDING_MARKER = "benchmark-pending.json"  # written when a run starts: --reuse resumes it from last.pt
 LOG_TAIL_LINES = 15
 IMG_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
 
@@ -304,7 +305,9 @@ class Runner:
         """Train (``train.py``) or distil (``train_distill.py`` when ``teacher``) one run.
 
         Returns ``{name, dir, best, wall_s, command}``. With ``--reuse`` a finished run of the same
-        command is kept; otherwise its folder is emptied first (results.csv must not mix two runs).
+        command is kept and an interrupted one (same command, ``last.pt`` written) is resumed with
+        ``--resume`` (which gives the weights of an uninterrupted run); otherwise its folder is
+        emptied first (results.csv must not mix two runs).
         """
         run_dir = self.runs / name
         script = "train_distill.py" if teacher is not None else "train.py"
@@ -317,11 +320,22 @@ class Runner:
             LOGGER.info(f"reusing {run_dir} (--reuse: same command, finished)")
             self.commands.append(done["command"])
             return done
-        shutil.rmtree(run_dir, ignore_errors=True)
-        wall = self._execute(script, args, run_dir / "train.log")
+        shown = display(["python", script, *args])
+        pending, last = run_dir / PENDING_MARKER, run_dir / "weights" / "last.pt"
+        earlier = json.loads(pending.read_text()) if self.reuse and pending.is_file() and last.is_file() else {}
+        if earlier.get("command") == shown:
+            LOGGER.info(f"resuming {run_dir} (--reuse: same command, interrupted)")
+            wall = earlier.get("wall_s", 0.0) + self._execute(script, ["--resume", str(last)],
+                                                              run_dir / "train-resumed.log")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            pending.write_text(json.dumps({"command": shown}))
+            wall = self._execute(script, args, run_dir / "train.log")
         result = {"name": name, "dir": str(run_dir), "best": str(run_dir / "weights" / "best.pt"),
-                  "wall_s": wall, "command": self.commands[-1]}
+                  "wall_s": wall, "command": shown, "resumed": bool(earlier.get("command") == shown)}
         (run_dir / RUN_MARKER).write_text(json.dumps(result, indent=1))
+        pending.unlink(missing_ok=True)
         return result
 
     def validate(self, weights: str | Path, settings: TrainSettings, task: str, folder: Path,

@@ -113,6 +113,35 @@ def test_reuse_needs_the_same_command(tmp_path):
     assert common.Runner(tmp_path)._finished(run_dir, "python train.py --epochs 3") is None
 
 
+def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    from utils.engine import Trainer
+    from utils.synthetic import generate
+
+    data = generate(tmp_path / "syn", n_train=8, n_val=4, img_size=64, seed=0)
+    settings = common.TrainSettings(data=data, epochs=2, batch=4, img=64, device="cpu", workers=0, cache="off",
+                                    amp="off", max_batches=2)
+    cfg, hyp = common.model_cfg("yolov9-tiny"), common.hyp_file("hyp.scratch-low.yaml")
+    original = Trainer.after_epoch
+
+    def crash(self, epoch, row, elapsed):
+        original(self, epoch, row, elapsed)
+        raise KeyboardInterrupt  # the session ends after the first epoch
+
+    monkeypatch.setattr(Trainer, "after_epoch", crash)
+    runner = common.Runner(tmp_path / "work", reuse=True, in_process=True)
+    with pytest.raises(KeyboardInterrupt):
+        runner.train("r", cfg, hyp, 0, settings)
+    run_dir = tmp_path / "work" / "runs" / "r"
+    assert (run_dir / common.PENDING_MARKER).is_file() and not (run_dir / common.RUN_MARKER).is_file()
+    monkeypatch.setattr(Trainer, "after_epoch", original)
+    result = common.Runner(tmp_path / "work", reuse=True, in_process=True).train("r", cfg, hyp, 0, settings)
+    assert result["resumed"] and "--resume" not in result["command"]
+    assert [row["epoch"] for row in common.read_results_csv(run_dir)] == [0.0, 1.0]
+    assert not (run_dir / common.PENDING_MARKER).exists()
+    again = common.Runner(tmp_path / "work", reuse=True, in_process=True).train("r", cfg, hyp, 0, settings)
+    assert again["wall_s"] == result["wall_s"]  # finished now: reused, not trained again
+
+
 def test_train_bccd_dry_run_and_reuse(tmp_path, capsys):
     argv = ["--dry-run", "--in-process", "--models", "gelan-t", "--epochs", "1", "--work", str(tmp_path)]
     first = train_bccd.main(argv)
