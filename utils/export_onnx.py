@@ -49,6 +49,7 @@ PAD_SCORE = -1.0  # below every real score (scores are sigmoids in [0, 1])
 LAYOUTS = {"plain": "bchw-4+nc", "transpose": "ba-4+nc", "trt": "end2end-trt", "ort": "end2end-ort"}
 PRODUCER = "yolo-distill"
 PRECISIONS = ("fp32", "fp16", "int8", "int8-fp16")
+TYPED_PRECISIONS = PRECISIONS[1:]  # what a strongly typed TensorRT build takes from the graph
 FP16_QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear take FP16 inputs and scales from opset 19 on
 FLOAT16_TYPE = 10  # onnx.TensorProto.FLOAT16
 NMS_INPUT = "preds"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.export_onnx import TYPED_PRECISIONS, read_metadata
 from utils.log import LOGGER
 
 GIB = 1 << 30
@@ -35,7 +36,6 @@ ORIN_NANO_WORKSPACE_MIB = 2048  # the Orin Nano shares 8 GB between CPU and GPU;
 DYNAMIC_MAX_BATCH = 16  # largest batch of the optimisation profile of a --dynamic export
 INPUT_NAME = "images"
 TRT_VERSIONS = (10, 11)
-TYPED_PRECISIONS = ("fp16", "int8", "int8-fp16")
 # the precision a typed ONNX promises for its convolutions (int8-fp16: the convs are INT8)
 EXPECTED_CONV_PRECISION = {"fp16": "fp16", "int8": "int8", "int8-fp16": "int8"}
 # at least this share of the engine's convolution layers must run in the promised precision; the
@@ -77,8 +77,6 @@ def trt_major(trt) -> int:
 
 def onnx_precision(onnx_path: str | Path) -> str:
     """The ``precision`` metadata of an ONNX file written by export.py (``fp32`` when absent)."""
-    from utils.export_onnx import read_metadata
-
     return read_metadata(onnx_path).get("precision", "fp32")
 
 

@@ -26,8 +26,6 @@ import warnings
 from collections import Counter
 from typing import Iterable
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-fp16")
-TYPED_PRECISIONS = ("fp16", "int8", "int8-fp16")  # precisions a strongly typed build takes from the graph
 FLOAT32 = 1  # onnx.TensorProto.FLOAT
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 # onnxconverter-common clamps FP32 constants into the FP16 range with these bounds; values that

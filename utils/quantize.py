@@ -158,10 +158,17 @@ def quantize_int8(model, head_index: int, settings: CalibrationSettings, stride:
     with tempfile.TemporaryDirectory(prefix="int8-") as folder, _quiet_onnxruntime():
         source, target = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
         onnx.save(model, str(source))
-        quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-                        per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded), calibrate_method=method,
-                        extra_options=extra)
+        try:
+            quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["Conv"], per_channel=True, reduce_range=False,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=sorted(excluded), calibrate_method=method, extra_options=extra)
+        except ValueError as exc:
+            if settings.method == "minmax" or "bins" not in str(exc):
+                raise
+            # numpy cannot split a float32 tensor whose values hardly vary into 2048 histogram bins
+            raise UserError(f"--calib-method {settings.method}: ONNX Runtime's histogram failed on an almost "
+                            f"constant activation ({exc}); use --calib-method minmax") from None
         return onnx.load(str(target))
 
 
