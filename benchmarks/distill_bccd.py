@@ -158,7 +158,8 @@ def prepare_teacher(runner: Runner, opt: argparse.Namespace, settings: TrainSett
         path = Path(opt.teacher)
         if not path.is_file():
             raise UserError(f"--teacher {path} does not exist")
-        label = path.parent.parent.name if path.parent.name == "weights" else path.stem
+        run_file = path.stem in ("best", "last") and path.parent.name == "weights"  # runs/<name>/weights/best.pt
+        label = path.resolve().parent.parent.name if run_file else path.stem
         teacher = {"label": label, "best": str(path.resolve()), "dir": str(runner.work / "teachers" / label),
                    "trained_here": False}
     else:
