@@ -90,15 +90,16 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UserError(f"--workspace {opt.workspace} must be positive (GiB)")
 
 
-def prepare_model(weights: str | Path, device: torch.device) -> DetectionModel:
+def prepare_model(weights: str | Path, device: torch.device, half: bool = False) -> DetectionModel:
     """Load for export: dual heads reparameterized to the gelan layout, RepConvN and Conv+BN fused,
-    eval, no gradients, head in export mode (one output, the main branch's decode), FP32."""
+    eval, no gradients, head in export mode (one output, the main branch's decode); FP32 unless
+    ``half`` (export_onnx traces FP32 and converts the graph itself: export.py never passes it)."""
     model = reparameterize(load_model(weights, device=device))
     model.fuse().eval()
     for param in model.parameters():
         param.requires_grad_(False)
     model.head.export = True
-    return model
+    return model.half() if half else model
 
 
 def calibration(opt: argparse.Namespace) -> CalibrationSettings:
