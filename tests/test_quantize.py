@@ -223,3 +223,21 @@ def test_int8_bad_input_exit_2(weights, calib_yaml, capsys):
         assert info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+
+
+def test_quant_benchmark_table_judges_the_goals():
+    """benchmarks/quant_bccd.py's table: deltas in mAP50-95 points against FP32, the 0.1 (FP16) and
+    1.0 (INT8) goals, latency ratios."""
+    from benchmarks.quant_bccd import report
+
+    run = {"weights": "t.pt", "params": 1_910_000, "variants": {
+        "fp32": {"mb": 7.0, "map50": 0.5, "map": 0.300, "latency_ms": 100.0},
+        "fp16": {"mb": 3.5, "map50": 0.5, "map": 0.2985, "latency_ms": 90.0},
+        "int8": {"mb": 2.0, "map50": 0.5, "map": 0.295, "latency_ms": 150.0},
+        "int8 percentile": {"mb": 2.0, "map50": 0.5, "map": 0.284, "latency_ms": 150.0}}}
+    info = {"gpu": "none", "cpu": "x", "cpus": 2, "torch": "2", "python": "3", "date": "today"}
+    rows = {line.split("|")[2].strip(): line for line in report([run], info, "cmd", 256).splitlines()
+            if line.startswith("| t.pt")}
+    assert "-0.15 misses the 0.1-point goal" in rows["fp16"] and "90.0 (0.90x)" in rows["fp16"]
+    assert "-0.50 within goal" in rows["int8"] and "-1.60 misses the 1-point goal" in rows["int8 percentile"]
+    assert "30.00" in rows["fp32"] and "1.91 M" in rows["fp32"]
