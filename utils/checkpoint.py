@@ -20,9 +20,9 @@ import copy
 import datetime
 import os
 import pickle
-import re
 import secrets
-import zipfile
+import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,16 +33,15 @@ from torch import nn
 
 from models.yolo import DetectionModel
 from utils.ema import unwrap
-from utils.errors import UserError
-from utils.official_ckpt import OfficialModel, read_official, readable_global
+from utils.errors import ArgumentParser, UserError, cli_main
+from utils.log import LOGGER, setup_logging
+from utils.official_ckpt import OfficialModel, check_file, exception_text, read_official
 
 CHECKPOINT_FORMAT = "yolo-distill/1"
 FORMAT_PREFIX = "yolo-distill/"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model_yaml", "state_dict", "names", "nc")
 _PLAIN_SCALARS = (bool, int, float, str, bytes, type(None))
-_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch's weights-only error names a global
-_NOT_A_PICKLE = re.compile(r"Unsupported operand|invalid load key")  # bytes that are no pickle at all
 
 
 def _plain(value: Any) -> Any:
@@ -213,22 +212,20 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
     return path
 
 
-def _torch_load(path: Path) -> tuple[Any, str | None]:
-    """``torch.load(weights_only=True)`` -> ``(object, None)``, or ``(None, global name or '')``
-    when the file pickles globals outside torch's safe set (an official YOLOv9 file, or worse).
-    A file that is no pickle at all (text, random bytes, truncated) raises :class:`UserError`."""
+def _torch_load(path: Path) -> Any | None:
+    """``torch.load(weights_only=True)`` of a complete zip archive (see ``check_file``): the object,
+    or None when torch's safe unpickler refuses a global (an official YOLOv9 file pickles its
+    modules; a malicious one worse): only the restricted reader may then look further, and it
+    names what it refuses."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), None
-    except pickle.UnpicklingError as exc:
-        match = _BLOCKED_GLOBAL.search(str(exc))
-        if match or not _NOT_A_PICKLE.search(str(exc)):
-            return None, match.group(1) if match else ""
-        raise UserError(f"{path} is not a PyTorch checkpoint: its bytes are not a pickle "
-                        f"(a text file, an image, or a damaged download?)") from exc
-    except Exception as exc:  # whatever a corrupt file makes the reader raise: bad input, not a bug
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                        f"{first_line})") from exc
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the verdict below says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return None
+    except Exception as exc:  # whatever a corrupt archive makes torch raise: bad input, not a bug
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exception_text(exc)}); "
+                        f"download or copy it again") from exc
 
 
 def _check_ours(obj: Any, path: Path) -> dict:
@@ -250,25 +247,20 @@ def _check_ours(obj: Any, path: Path) -> dict:
     return obj
 
 
-def _refused(path: Path, refused: str | None) -> UserError:
-    what = f"the Python global '{readable_global(refused)}'" if refused else "Python objects"
-    return UserError(f"{path} is not a yolo-distill checkpoint: it pickles {what} (official "
-                     f"YOLOv9 files load with load_model; anything else is refused)")
-
-
 def load_checkpoint(path: str | Path) -> dict:
     """Read one of our checkpoints (``torch.load(weights_only=True)``: no code can run).
 
     Raises:
-        UserError: missing file, not a torch file, not our format (official YOLOv9 files are
-            read by :func:`load_model`), or a pickled global outside torch's safe set.
+        UserError: missing, empty, cut-off or unreadable file, not our format (official YOLOv9 files
+            are read by :func:`load_model`), or a pickled global outside the allowlist.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    obj, refused = _torch_load(path)
+    path = check_file(path)
+    obj = _torch_load(path)
     if obj is None:
-        raise _refused(path, refused)
+        read_official(path)  # names a refused global, or says what is wrong with the file
+        raise UserError(f"{path} is an official YOLOv9 checkpoint, not a yolo-distill one: use it as "
+                        f"--weights or --teacher, or convert it once with "
+                        f"'python -m utils.checkpoint convert {path} <out.pt>'")
     return _check_ours(obj, path)
 
 
@@ -332,6 +324,58 @@ def _fit_shapes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
                 setattr(module, bname, buf.new_empty(state[prefix + bname].shape))
 
 
+def _layer_of(key: str) -> tuple[int, list[str]] | None:
+    parts = key.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1].isdigit():
+        return int(parts[1]), parts[2:]
+    return None
+
+
+def weights_mismatch(model: DetectionModel, weights: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``weights`` do not fit ``model`` (first problem, in the file's key order), or None.
+
+    Names the layer and the key, e.g. ``layer 24 (RepNCSPELAN4) has no m.0 but the file holds
+    'model.24.m.0.weight'``.
+    """
+    own = model.state_dict()
+    problems: list[str] = []
+    modules = dict(model.named_modules())
+    for key, tensor in weights.items():
+        if key in own:
+            if tuple(own[key].shape) != tuple(tensor.shape):
+                where = _layer_of(key)
+                layer = f" of layer {where[0]} ({type(model.model[where[0]]).__name__})" if where else ""
+                problems.append(f"'{key}'{layer} is {list(tensor.shape)} in the file but {list(own[key].shape)} "
+                                f"in the model")
+            continue
+        where = _layer_of(key)
+        if where is None:
+            problems.append(f"the file holds '{key}', which the model has no place for")
+        elif where[0] >= len(model.model):
+            problems.append(f"the file holds '{key}' but the model has only layers 0-{len(model.model) - 1}")
+        else:
+            layer, rest = where
+            path = f"model.{layer}"
+            missing = ".".join(rest)
+            for depth, part in enumerate(rest[:-1]):
+                if f"{path}.{part}" not in modules:
+                    missing = ".".join(rest[:depth + 1])
+                    break
+                path = f"{path}.{part}"
+            problems.append(f"layer {layer} ({type(model.model[layer]).__name__}) has no {missing} but the file "
+                            f"holds '{key}'")
+    missing_keys = [k for k in own if k not in weights]
+    if missing_keys:
+        where = _layer_of(missing_keys[0])
+        layer = f" of layer {where[0]} ({type(model.model[where[0]]).__name__})" if where else ""
+        problems.append(f"the file has no '{missing_keys[0]}'{layer}" +
+                        (f" (and {len(missing_keys) - 1} more missing)" if len(missing_keys) > 1 else ""))
+    if not problems:
+        return None
+    more = f" ({len(problems) - 1} more mismatches)" if len(problems) > 1 else ""
+    return problems[0] + more
+
+
 def model_from_checkpoint(ckpt: dict, prefer_ema: bool = True, source: str = "checkpoint") -> DetectionModel:
     """Build the DetectionModel a checkpoint dict describes and load its weights (strict).
 
@@ -346,16 +390,17 @@ def model_from_checkpoint(ckpt: dict, prefer_ema: bool = True, source: str = "ch
         except UserError as exc:
             raise UserError(f"{source}: its model cannot be built: {exc}") from exc
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-            raise UserError(f"{source}: its model yaml cannot be built ({type(exc).__name__}: {exc})") from exc
+            raise UserError(f"{source}: its model yaml cannot be built ({type(exc).__name__}: "
+                            f"{exception_text(exc)})") from exc
     weights = ckpt.get("ema") if prefer_ema and ckpt.get("ema") else ckpt["state_dict"]
     extra = ckpt.get("extra") or {}
     if not extra.get("official_branch"):
         _fit_shapes(model, weights)  # only our own files can hold pruned shapes
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise UserError(f"{source}: the weights do not fit the model its yaml describes ({detail})") from exc
+    problem = weights_mismatch(model, weights)
+    if problem is not None:
+        raise UserError(f"{source}: the weights do not fit the model its yaml describes: {problem}; the "
+                        f"weights were built from another yaml")
+    model.load_state_dict(weights, strict=True)
     stride = extra.get("official_stride")
     if stride is not None and [float(s) for s in model.stride.tolist()] != [float(s) for s in stride]:
         raise UserError(f"{source}: the model rebuilt from its yaml has strides {model.stride.tolist()} "
@@ -386,18 +431,58 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", fuse: bool 
         UserError: missing or unreadable file, not a checkpoint, a refused global, or weights
             that do not fit the model the file describes.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    obj, refused = _torch_load(path)
-    if obj is not None:
-        ckpt = _check_ours(obj, path)
-    elif zipfile.is_zipfile(path):  # torch refused it: only the restricted reader may look further
-        ckpt = official_to_checkpoint(path, prefer_ema)
-    else:  # an old-style (non-zip) pickle: official YOLOv9 files are never one
-        raise _refused(path, refused)
+    path = check_file(path)
+    obj = _torch_load(path)
+    # torch refused it (an official YOLOv9 file pickles its modules): only the restricted reader looks further
+    ckpt = _check_ours(obj, path) if obj is not None else official_to_checkpoint(path, prefer_ema)
     with torch.random.fork_rng(devices=[]):  # building and fusing draw random initial weights
         model = model_from_checkpoint(ckpt, prefer_ema=prefer_ema, source=str(path)).float()
         if fuse:
             model.fuse()
     return model.to(device).eval()
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, prefer_ema: bool = True) -> Path:
+    """Rewrite an official YOLOv9 ``.pt`` once as our plain-dict checkpoint (``weights_only`` readable).
+
+    The model is rebuilt from the file's yaml and its weights checked to fit before ``dst`` is
+    written (atomically); the EMA weights are taken when the file has them and ``prefer_ema``.
+    """
+    src, dst = check_file(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise UserError(f"convert {src} {dst}: the output must be another file (keep the official one)")
+    if _torch_load(src) is not None:
+        raise UserError(f"{src} is already a yolo-distill checkpoint: there is nothing to convert")
+    ckpt = official_to_checkpoint(src, prefer_ema)
+    with torch.random.fork_rng(devices=[]):
+        model_from_checkpoint(ckpt, prefer_ema=prefer_ema, source=str(src))
+    return save_checkpoint(ckpt, dst)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python -m utils.checkpoint",
+                            description="Checkpoint tools: convert an official YOLOv9 .pt to the yolo-distill format.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="official YOLOv9 .pt -> yolo-distill .pt (plain dicts, "
+                                  "loads with torch.load(weights_only=True))")
+    convert.add_argument("src", help="official YOLOv9 checkpoint (training, stripped or *-converted.pt)")
+    convert.add_argument("dst", help="where to write the yolo-distill checkpoint")
+    convert.add_argument("--raw-model", action="store_true",
+                         help="take ckpt['model'] (the raw training weights) instead of the EMA")
+    return parser.parse_args(argv)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m utils.checkpoint convert SRC DST``; bad input is one line on stderr and exit code 2."""
+    setup_logging()
+    opt = parse_args(argv)
+    out = convert_checkpoint(opt.src, opt.dst, prefer_ema=not opt.raw_model)
+    ckpt = load_checkpoint(out)
+    LOGGER.info(f"converted {opt.src} ({ckpt['extra'].get('official_branch')} weights, {len(ckpt['state_dict'])} "
+                f"tensors, {ckpt['nc']} classes) -> {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
