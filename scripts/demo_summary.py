@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + table(records, opt.img))
     scratch, distilled = records[1]["map"], records[2]["map"]
     print(f"\nDistillation changed the student's val mAP50-95 by {100 * (distilled - scratch):+.1f} points "
-          f"(same epochs, same seed; a short CPU run on synthetic data, not a benchmark).")
+          f"(same epochs, same seed, one run each; the 3-seed proof is benchmarks/distill_bccd.py, README).")
     print(f"\nWhere to look:\n"
           f"  curves:              {runs}/<run>/results.png (and TensorBoard: tensorboard --logdir {runs})\n"
           f"  PR curve, confusion: {runs}/val-student-distill/PR_curve.png, confusion_matrix.png\n"
