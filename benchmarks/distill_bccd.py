@@ -8,7 +8,8 @@
    - ``default``: the recipe ``--recipe`` (hyp/hyp.distill.yaml);
    - ``classic``: hyp/hyp.distill-classic.yaml, as published;
    - ablations of the default: ``crosskd`` (class/box KD through the teacher's final convs),
-     ``no-pkd`` (feature KD off), ``stop-at-close-mosaic`` (KD off when mosaic closes);
+     ``no-pkd`` (feature KD off), ``stop-at-close-mosaic`` (KD off when mosaic closes), ``ld-t1``
+     (LD at temperature 1 instead of 10: sharper box distributions);
    - controls: ``kd-off`` (all KD weights 0: must reproduce scratch) and ``random-teacher`` (the
      default recipe from an untrained teacher: must not help).
    ``--hyp-set KEY=VALUE`` changes every run's hyp alike (e.g. ``ema_epochs=3``).
@@ -62,6 +63,7 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "crosskd": (None, {"distill_crosskd": True}),
     "no-pkd": (None, {"distill_feat": 0.0}),
     "stop-at-close-mosaic": (None, {"distill_stop_epoch": "close_mosaic"}),
+    "ld-t1": (None, {"distill_box_temperature": 1.0}),
     "kd-off": (None, NO_KD),
     RANDOM_TEACHER: (None, {}),
 }
