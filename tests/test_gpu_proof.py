@@ -169,9 +169,28 @@ def test_accuracy_plan_fits_the_budget_and_stops_at_the_public_epochs():
         assert "public" in fallback["rate_from"]
 
 
-def test_wrapper_runs_the_entry_point():
-    wrapper = ROOT / "benchmarks" / "gpu_proof.sh"
-    done = subprocess.run([str(wrapper), "--help"], capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "GPU_PROOF_WHEELS": "/nonexistent"})
+FAKE_PYTHON = """#!/bin/sh
+echo "$(pwd) PYTHONPATH=${PYTHONPATH:-} $*" >> "$(dirname "$0")/calls.txt"
+"""
+
+
+def test_wrapper_installs_carried_wheels_offline_then_runs_the_entry_point(tmp_path):
+    fake = tmp_path / "python"  # records how the wrapper calls Python (cwd, PYTHONPATH, arguments)
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "onnxruntime_gpu-1.0-py3-none-any.whl").write_bytes(b"")
+    site = tmp_path / "site"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "GPU_PROOF_WHEELS": str(wheels), "GPU_PROOF_SITE": str(site)}
+    done = subprocess.run([str(ROOT / "benchmarks" / "gpu_proof.sh"), "OUT", "--dry-run"], capture_output=True,
+                          text=True, timeout=60, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "--budget-s" in done.stdout and "--dry-run" in done.stdout
+    install, run = (tmp_path / "calls.txt").read_text().splitlines()
+    assert install.startswith(f"{tmp_path} ") and "-m pip install" in install and "--no-index" in install
+    assert f"--target {site} {wheels}/onnxruntime_gpu-1.0-py3-none-any.whl" in install
+    assert run == f"{tmp_path} PYTHONPATH={ROOT}:{site} -m benchmarks.gpu_proof OUT --dry-run"  # OUT: from the cwd
+    (tmp_path / "calls.txt").unlink()
+    env["GPU_PROOF_WHEELS"] = str(tmp_path / "none")  # no wheels: straight to the entry point
+    subprocess.run([str(ROOT / "benchmarks" / "gpu_proof.sh"), "OUT"], check=True, timeout=60, env=env, cwd=tmp_path)
+    assert (tmp_path / "calls.txt").read_text() == f"{tmp_path} PYTHONPATH={ROOT} -m benchmarks.gpu_proof OUT\n"
