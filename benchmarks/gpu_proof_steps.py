@@ -375,7 +375,7 @@ def step_latency(ctx: Context) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     ort_device, ort_reason = ort_target(opt.dry_run)
     result: dict = {"img": img, "nc": BCCD_CLASSES, "batches": list(batches), "warmup": warmup, "runs": runs,
-                    "torch": "fp16 on CUDA" if cuda else "fp32 on the CPU (dry run)", "ort": ort_device,
+                    "torch": "fp16 on CUDA" if cuda else "fp32 on the CPU (no CUDA, or a dry run)", "ort": ort_device,
                     "ort_skipped": ort_reason, "models": []}
     models = []
     for name in names:

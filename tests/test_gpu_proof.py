@@ -169,6 +169,30 @@ def test_accuracy_plan_fits_the_budget_and_stops_at_the_public_epochs():
         assert "public" in fallback["rate_from"]
 
 
+def test_latency_without_cuda_onnxruntime_records_why(tmp_path, monkeypatch):
+    """The real (not dry) latency path on a machine whose onnxruntime has no CUDA provider: the
+    PyTorch column is measured, the ONNX Runtime one is skipped with the reason, nothing fails."""
+    from benchmarks import latency
+
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(gpu_proof_steps, "IMG", 64)
+    monkeypatch.setattr(gpu_proof_steps, "LATENCY_BATCHES", (1,))
+    monkeypatch.setattr(gpu_proof_steps, "LATENCY_WARMUP", 1)
+    monkeypatch.setattr(gpu_proof_steps, "LATENCY_RUNS", 1)
+    monkeypatch.setattr(latency, "TEACHERS", ())
+    monkeypatch.setattr(latency, "STUDENTS", ("yolov9-tiny",))
+    monkeypatch.setattr("onnxruntime.get_available_providers", lambda: ["CPUExecutionProvider"])
+    opt = gpu_proof.parse_args([str(tmp_path / "out"), "--work", str(tmp_path)])
+    recorded = []
+    gpu_proof_steps.step_latency(gpu_proof_steps.Context(opt, tmp_path, 60.0, time.time() + 60, recorded.append))
+    result = recorded[-1]
+    assert result["ort"] is None and "no CUDAExecutionProvider" in result["ort_skipped"]
+    assert "onnxruntime-gpu" in result["ort_skipped"]
+    (record,) = result["models"]
+    assert record["model"] == "yolov9-tiny" and record["torch_b1"]["median_ms"] > 0 and "ort_b1" not in record
+    assert "ONNX Runtime skipped: onnxruntime" in gpu_proof_steps.latency_md(result)
+
+
 FAKE_PYTHON = """#!/bin/sh
 echo "$(pwd) PYTHONPATH=${PYTHONPATH:-} $*" >> "$(dirname "$0")/calls.txt"
 """
