@@ -18,8 +18,8 @@ Steps, in order of value (``prepare`` always runs first):
 2. distill_cost: train_distill.py (an untrained gelan-s teacher made here: only speed counts)
    against train.py on the same student and settings; goal at most 1.35x the time.
 3. accuracy: train.py on BCCD for as many epochs as fit this step's budget (at most the public
-   run's 100, with its 10% close-mosaic), val mAP50-95 by val.py, against the public figure where
-   one exists at that epoch count.
+   run's 100, with its 10% close-mosaic; planned from step 1's epoch times), val mAP50-95 by
+   val.py, against the public figure where one exists at that epoch count.
 4. latency: teacher and students, PyTorch fp16 and ONNX Runtime CUDA, batch 1 and 32.
 
 Each step runs in its own process group under its own time budget (a share of what is left of
@@ -49,7 +49,7 @@ if __package__ in (None, ""):  # started as `python benchmarks/gpu_proof.py`: ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, RUNS_DIR, fmt, markdown_table, model_cfg, write_results
-from benchmarks.gpu_proof_steps import STEP_NAMES, STEPS, Context, Step, step_file
+from benchmarks.gpu_proof_steps import PREPARE, STEP_NAMES, STEPS, Context, Step, step_file
 from utils.errors import ArgumentParser, UserError, cli_main
 from utils.log import LOGGER, setup_logging
 
@@ -133,7 +133,7 @@ class Orchestrator:
         self.out, self.work = Path(opt.out).resolve(), Path(opt.work).resolve()
         self.start = time.monotonic()
         self.deadline = self.start + opt.budget_s
-        self.selected = [s for s in STEPS if s.name == "prepare" or s.name in opt.steps]
+        self.selected = [s for s in STEPS if s.name == PREPARE or s.name in opt.steps]
         self.caps = dict(opt.step_budget)
         self.child: subprocess.Popen | None = None
         self.payload = {
@@ -144,12 +144,18 @@ class Orchestrator:
                       for s in STEPS}}
 
     def budget_for(self, step: Step, capped: bool = True) -> float:
-        """This step's share of the time left, by the nominal shares of the steps still to run
-        (and at most its ``--step-budget`` when ``capped``)."""
+        """This step's share of the time left, by the nominal shares of the measuring steps still
+        to run (and at most its ``--step-budget`` when ``capped``). ``prepare``, which every other
+        step needs, gets its nominal seconds whatever the budget."""
         left = self.deadline - time.monotonic() - RESERVE_S
-        todo = [s for s in self.selected if self.payload["steps"][s.name]["status"] == "pending"]
-        # a dry run checks that every step works, not how long it takes (the CPU may be shared): all that is left
-        budget = left if self.opt.dry_run else left * step.share_s / sum(s.share_s for s in todo)
+        todo = [s for s in self.selected if self.payload["steps"][s.name]["status"] == "pending"
+                and s.name != PREPARE]
+        if self.opt.dry_run:  # a dry run checks that every step works, not how long it takes: all that is left
+            budget = left
+        elif step.name == PREPARE:
+            budget = min(step.share_s, left)
+        else:
+            budget = left * step.share_s / sum(s.share_s for s in todo)
         return min(budget, self.caps.get(step.name, math.inf)) if capped else budget
 
     def run(self) -> dict:
@@ -173,7 +179,7 @@ class Orchestrator:
         missing = [m for m in step.needs if importlib.util.find_spec(m) is None]
         if missing:
             return f"needs {', '.join(missing)} (not installed)"
-        if step.name != "prepare" and self.payload["steps"]["prepare"]["result"].get("data") is None:
+        if step.name != PREPARE and self.payload["steps"][PREPARE]["result"].get("data") is None:
             return "the prepare step gave no data (see its reason)"
         minimum = DRY_MIN_STEP_S if self.opt.dry_run else MIN_STEP_S
         budget = self.budget_for(step, capped=False)  # a smaller --step-budget is the user's choice
@@ -206,7 +212,7 @@ class Orchestrator:
             entry.update(status="failed", reason=f"exit code {code}: {last_error(log)}")
         else:
             entry["status"] = "ok"
-        if step.name == "prepare":
+        if step.name == PREPARE:
             self.payload["machine"] = entry["result"].get("machine")
             self.payload["environment"] = entry["result"].get("environment")
         LOGGER.info(f"[{step.name}] {entry['status']} in {entry['elapsed_s']:.0f} s"
@@ -337,7 +343,7 @@ def markdown(payload: dict) -> str:
              f"Python {machine.get('python', '?')}. Started {payload['started']}"
              f", finished {payload['finished'] or '(still running)'}; budget {payload['budget_s']:.0f} s, used "
              f"{payload.get('elapsed_s', 0):.0f} s.", f"Command: `{payload['command']}`", ""]
-    data = payload["steps"]["prepare"]["result"].get("data")
+    data = payload["steps"][PREPARE]["result"].get("data")
     if data:
         lines += [f"Data: {data.get('kind')}, {data.get('train_images')} train / {data.get('val_images')} val images"
                   + (f". {data['note']}" if data.get("note") else "") + ".", ""]

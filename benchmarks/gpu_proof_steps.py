@@ -34,6 +34,7 @@ TIMED_IMAGES = 1600  # train_speed/distill_cost: at least this many images in th
 CEILING_STEPS, CEILING_WARMUP = 50, 10
 ROW_POLL_S = 0.05  # how often a speed run's results.csv is looked at (an epoch takes a second or more)
 MAX_TIME_RATIO = 1.35  # distillation may take at most this many times the scratch training time
+PREPARE = "prepare"  # the step that always runs first: every other one reads its data
 SEED = 0
 IMG = 640  # the public run's image size
 BCCD_TRAIN, BCCD_VAL, BCCD_WIDTH = 205, 87, 640  # the stand-in set when BCCD is missing has BCCD's size
@@ -222,7 +223,7 @@ def step_train_speed(ctx: Context) -> None:
 
     from benchmarks.common import hyp_file
 
-    opt, data = ctx.opt, ctx.previous("prepare")["data"]
+    opt, data = ctx.opt, ctx.previous(PREPARE)["data"]
     runner = ctx.runner("train_speed")
     model = role_model(opt, "speed")
     epochs = speed_epochs(opt, data["train_images"])
@@ -259,7 +260,7 @@ def step_distill_cost(ctx: Context) -> None:
     from models.yolo import DetectionModel
     from utils.checkpoint import make_checkpoint, save_checkpoint
 
-    opt, data = ctx.opt, ctx.previous("prepare")["data"]
+    opt, data = ctx.opt, ctx.previous(PREPARE)["data"]
     runner = ctx.runner("distill_cost")
     teacher_name, student = role_model(opt, "teacher"), role_model(opt, "student")
     teacher = ctx.work / "distill_cost" / f"{teacher_name}-untrained.pt"
@@ -307,21 +308,32 @@ def plan_epochs(budget_s: float, train_images: int, speed: dict, model: str, gpu
             "epoch_cycle_s": cycle, "end_s": end, "rate_images_s": train_images / cycle, "rate_from": source}
 
 
+def choose_plan(budget_s: float, train_images: int, speed: dict, model: str) -> tuple[bool, dict]:
+    """(gpu_augment, plan): train.py's default CPU augmentation when it fits the public run's epochs,
+    else the augmentation mode that fits more epochs."""
+    from benchmarks.train_bccd import EPOCHS as PUBLIC_EPOCHS
+
+    cpu = plan_epochs(budget_s, train_images, speed, model, gpu_augment=False)
+    gpu = plan_epochs(budget_s, train_images, speed, model, gpu_augment=True)
+    if cpu["epochs"] >= PUBLIC_EPOCHS or cpu["epochs"] >= gpu["epochs"]:
+        return False, cpu
+    return True, gpu
+
+
 def step_accuracy(ctx: Context) -> None:
     """train.py from scratch for the planned epochs (validation after the last), then val.py."""
     from benchmarks.common import hyp_file
     from benchmarks.train_bccd import PUBLIC
 
-    opt, data = ctx.opt, ctx.previous("prepare")["data"]
+    opt, data = ctx.opt, ctx.previous(PREPARE)["data"]
     if "NOT BCCD" in data["kind"]:
         raise UserError(f"accuracy needs BCCD: {data['note']}")
     speed = ctx.previous("train_speed")
-    runs = [r for r in speed.get("runs", []) if r["batch_label"] == ACCURACY_BATCH]
-    gpu_augment = bool(runs) and max(runs, key=lambda r: r["images_s"])["augment"] == "gpu"  # the faster mode
     if opt.dry_run:
+        gpu_augment = False
         plan = {"epochs": DRY.epochs, "fit_epochs": DRY.epochs, "rate_from": "dry run", "rate_images_s": math.nan}
     else:
-        plan = plan_epochs(ctx.left_s(), data["train_images"], speed, role_model(opt, "accuracy"), gpu_augment)
+        gpu_augment, plan = choose_plan(ctx.left_s(), data["train_images"], speed, role_model(opt, "accuracy"))
     epochs = plan["epochs"]
     close_mosaic = int(epochs * CLOSE_MOSAIC_FRACTION)
     settings = TrainSettings(data=Path(data["yaml"]), epochs=epochs,
@@ -332,9 +344,14 @@ def step_accuracy(ctx: Context) -> None:
     model_name = role_model(opt, "accuracy")
     model = Path(model_name).stem
     public = PUBLIC.get(model)
+    same = public is not None and public["epochs"] == epochs and public["batch"] == settings.batch
+    note = (f"same epochs and batch as the public run ({epochs}, {settings.batch})" if same else
+            f"no public figure at {epochs} epochs: peer-measurements.md has {model} at {public['epochs']} epochs "
+            f"only" if public else f"no public figure for {model}")
     result: dict = {"model": model, "data": data["kind"], "plan": plan, "epochs": epochs, "batch": settings.batch,
                     "close_mosaic": close_mosaic, "augment": "gpu" if gpu_augment else "cpu", "seed": SEED,
-                    "budget_s": ctx.budget_s, "planned_with_s": ctx.left_s(), "public": public}
+                    "budget_s": ctx.budget_s, "planned_with_s": ctx.left_s(), "public": public, "comparison": None,
+                    "comparison_note": note}
     ctx.record(result)
     runner = ctx.runner("accuracy")
     run = runner.train(f"{model}-e{epochs}", model_cfg(model_name), hyp_file(SCRATCH_HYP), SEED, settings)
@@ -342,15 +359,10 @@ def step_accuracy(ctx: Context) -> None:
     ctx.record(result)
     val = runner.validate(run["best"], settings, "val", Path(run["dir"]))
     result.update(val_map50=val["map50"], val_map=val["map"], val_per_class=val.get("per_class"))
-    same = public is not None and public["epochs"] == epochs and public["batch"] == settings.batch
-    result["comparison"] = (
-        {"public_val_map": public["val_map"], "delta_val_map": val["map"] - public["val_map"],
-         "public_val_map50": public["val_map50"], "delta_val_map50": val["map50"] - public["val_map50"]}
-        if same else None)
-    result["comparison_note"] = (
-        f"same epochs and batch as the public run ({epochs}, {settings.batch})" if same else
-        f"no public figure at {epochs} epochs: peer-measurements.md has {model} at "
-        f"{public['epochs']} epochs only" if public else f"no public figure for {model}")
+    if same:
+        result["comparison"] = {"public_val_map": public["val_map"], "delta_val_map": val["map"] - public["val_map"],
+                                "public_val_map50": public["val_map50"],
+                                "delta_val_map50": val["map50"] - public["val_map50"]}
     ctx.record(result)
 
 
@@ -532,7 +544,7 @@ def accuracy_md(result: dict) -> str:
             f"({fmt(plan.get('epoch_cycle_s'), 2)} s per epoch with its checkpoint, "
             f"{fmt(plan['rate_images_s'], 1)} images/s); close-mosaic {result['close_mosaic']}, "
             f"{result['augment'].upper()} augmentation, seed {result['seed']}, {result['data']}. "
-            f"{result.get('comparison_note', '')}.{delta}")
+            f"{result['comparison_note']}.{delta}")
 
 
 def latency_md(result: dict) -> str:
@@ -567,7 +579,7 @@ class Step:
 
 TRAIN_NEEDS = ("numpy", "cv2", "yaml", "tqdm", "PIL")
 STEPS = (
-    Step("prepare", "machine, packages, data", 30, ("yaml", "PIL", "numpy", "cv2"), step_prepare, None),
+    Step(PREPARE, "machine, packages, data", 30, ("yaml", "PIL", "numpy", "cv2"), step_prepare, None),
     Step("train_speed", "1. training throughput end to end vs the ceiling and the public 43 images/s", 145,
          TRAIN_NEEDS, step_train_speed, train_speed_md),
     Step("distill_cost", "2. distillation cost: train_distill.py vs train.py, same student", 75, TRAIN_NEEDS,

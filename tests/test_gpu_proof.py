@@ -138,10 +138,14 @@ def test_failed_step_is_recorded_with_its_error(tmp_path):
 def test_budget_is_shared_by_the_steps_left(tmp_path):
     opt = gpu_proof.parse_args([str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     orchestrator = gpu_proof.Orchestrator(opt, [])
-    total = sum(s.share_s for s in gpu_proof_steps.STEPS)
-    prepare = gpu_proof_steps.STEPS[0]
-    assert orchestrator.budget_for(prepare) == pytest.approx((opt.budget_s - gpu_proof.RESERVE_S) * prepare.share_s
-                                                             / total, abs=0.5)
+    prepare, speed = gpu_proof_steps.STEPS[:2]
+    assert orchestrator.budget_for(prepare) == prepare.share_s  # its own seconds: every other step needs it
+    orchestrator.payload["steps"][prepare.name]["status"] = "ok"
+    measuring = sum(s.share_s for s in gpu_proof_steps.STEPS[1:])
+    assert orchestrator.budget_for(speed) == pytest.approx((opt.budget_s - gpu_proof.RESERVE_S) * speed.share_s
+                                                           / measuring, abs=0.5)
+    short = gpu_proof.Orchestrator(gpu_proof.parse_args([str(tmp_path / "out"), "--budget-s", "60"]), [])
+    assert short.budget_for(prepare) == prepare.share_s and short.skip_reason(prepare) is None
     for step in gpu_proof_steps.STEPS[:3]:  # three steps done: the last two share what is left
         orchestrator.payload["steps"][step.name]["status"] = "ok"
     accuracy, latency = gpu_proof_steps.STEPS[3], gpu_proof_steps.STEPS[4]
@@ -196,6 +200,19 @@ def test_latency_without_cuda_onnxruntime_records_why(tmp_path, monkeypatch):
 FAKE_PYTHON = """#!/bin/sh
 echo "$(pwd) PYTHONPATH=${PYTHONPATH:-} $*" >> "$(dirname "$0")/calls.txt"
 """
+
+
+def test_accuracy_prefers_the_default_cpu_augmentation_when_it_reaches_the_public_epochs():
+    def speed(cpu_cycle: float, gpu_cycle: float) -> dict:
+        return {"model": "gelan-s", "runs": [
+            {"batch_label": 16, "augment": mode, "first_epoch_done_s": 10.0, "epoch_cycle_s": cycle, "end_s": 2.0}
+            for mode, cycle in (("gpu", gpu_cycle), ("cpu", cpu_cycle))]}
+
+    gpu_augment, plan = gpu_proof_steps.choose_plan(240.0, 205, speed(1.0, 0.5), "gelan-s")
+    assert not gpu_augment and plan["epochs"] == 100  # both reach 100 epochs: train.py's default
+    gpu_augment, plan = gpu_proof_steps.choose_plan(240.0, 205, speed(4.0, 1.0), "gelan-s")
+    assert gpu_augment and plan["epochs"] > gpu_proof_steps.plan_epochs(240.0, 205, speed(4.0, 1.0), "gelan-s",
+                                                                         gpu_augment=False)["epochs"]
 
 
 def test_wrapper_installs_carried_wheels_offline_then_runs_the_entry_point(tmp_path):
