@@ -79,6 +79,7 @@ def _name_seconds(text: str) -> tuple[str, float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags (see the module docstring); UserError for a bad value."""
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("out", help="folder for gpu_proof.json, gpu_proof.md and gpu_proof.log ($OUT on the device)")
@@ -159,6 +160,7 @@ class Orchestrator:
         return min(budget, self.caps.get(step.name, math.inf)) if capped else budget
 
     def run(self) -> dict:
+        """Every selected step in order (each run, or skipped with its reason); returns the payload."""
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "logs").mkdir(exist_ok=True)
         self.write()
@@ -176,6 +178,7 @@ class Orchestrator:
         return self.payload
 
     def skip_reason(self, step: Step) -> str | None:
+        """Why ``step`` cannot run now (a missing package, no data, no time), or None."""
         missing = [m for m in step.needs if importlib.util.find_spec(m) is None]
         if missing:
             return f"needs {', '.join(missing)} (not installed)"
@@ -188,6 +191,7 @@ class Orchestrator:
         return None
 
     def run_child(self, step: Step, entry: dict) -> None:
+        """Run one step in its own process group, stop it at its budget, record how it ended."""
         budget = self.budget_for(step)
         entry.update(status="running", budget_s=round(budget, 1))
         self.write()
@@ -247,29 +251,21 @@ class Orchestrator:
                 self.write()
 
     def kill_child(self) -> None:
-        """Stop the child's whole process group (its train.py runs and loader workers too)."""
+        """Stop the child's whole process group: the child, its train.py runs, their loader workers
+        (also after a normal exit: nothing of a step may outlive it)."""
         child, self.child = self.child, None
         if child is None:
             return
-        for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
-            try:
-                os.killpg(child.pid, sig)
-            except ProcessLookupError:
-                break
-            if grace is None:
-                child.wait()
-                break
-            try:
-                child.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                continue
-        # the group may outlive the child (a worker it forked): make sure nothing of it is left
+        signal_group(child.pid, signal.SIGTERM)
         try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            child.wait(timeout=KILL_GRACE_S)
+        except subprocess.TimeoutExpired:
             pass
+        signal_group(child.pid, signal.SIGKILL)
+        child.wait()
 
     def read_step(self, step: Step) -> dict:
+        """What the step recorded so far (empty when nothing, or nothing valid)."""
         path = step_file(self.work, step.name)
         try:
             return json.loads(path.read_text()) if path.is_file() else {}
@@ -277,6 +273,7 @@ class Orchestrator:
             return {}
 
     def append_log(self, step: Step, log: Path) -> None:
+        """The tail of the step's log into OUT_DIR/gpu_proof.log."""
         lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
         with open(self.out / LOG_NAME, "a") as f:
             f.write(f"===== {step.name} ({self.payload['steps'][step.name]['status']}), last {LOG_TAIL_LINES} of "
@@ -284,8 +281,12 @@ class Orchestrator:
             f.write("\n".join(lines[-LOG_TAIL_LINES:]) + "\n")
 
     def write(self) -> None:
+        """Rewrite OUT_DIR/gpu_proof.json and gpu_proof.md (each atomically)."""
         self.payload["elapsed_s"] = round(time.monotonic() - self.start, 1)
-        self.payload["summary"] = headline(self.payload)
+        try:
+            self.payload["summary"] = headline(self.payload)
+        except Exception as exc:  # a partial result must not stop the steps; the steps' results are all there
+            self.payload["summary"] = {"error": f"{type(exc).__name__}: {exc}"}
         write_results(self.out / JSON_NAME, self.payload)
         try:
             report = markdown(self.payload)
@@ -294,6 +295,14 @@ class Orchestrator:
         tmp = self.out / f".{MD_NAME}.tmp"
         tmp.write_text(report)
         os.replace(tmp, self.out / MD_NAME)
+
+
+def signal_group(group: int, sig: int) -> None:
+    """Send ``sig`` to every process of a process group that may be gone already."""
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
 
 
 def children_cpu_s() -> float:
@@ -309,10 +318,12 @@ def last_error(log: Path) -> str:
 
 
 def now() -> str:
+    """The local time with its offset, to the second."""
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def command_line(argv: list[str]) -> str:
+    """How this command was started, as a runnable line."""
     return "python -m benchmarks.gpu_proof " + shlex.join(argv)
 
 
@@ -364,6 +375,7 @@ def markdown(payload: dict) -> str:
 # ------------------------------------------------------------------------------------------ entry
 @cli_main
 def main(argv: list[str] | None = None) -> dict | None:
+    """Run every step (or, with the internal ``--run-step``, one step in this process)."""
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     opt = parse_args(argv)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.common import DRY, ROOT, Runner, TrainSettings, fmt, markdown_table, model_cfg
+from benchmarks.common import (DRY, ROOT, Runner, TrainSettings, count_images, fmt, hyp_file, machine_info,
+                               markdown_table, model_cfg, read_results_csv, resolve_data, train_rate)
 from utils.errors import UserError
 from utils.log import LOGGER
 
@@ -74,11 +75,13 @@ class Context:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def runner(self, folder: str) -> Runner:
+        """A Runner for this step's train.py / val.py runs under work/FOLDER."""
         # dry run: train.py inside this step's process (each run would otherwise start Python and torch)
         return Runner(self.work / folder, in_process=self.opt.dry_run)
 
 
 def step_file(work: Path, name: str) -> Path:
+    """Where a step records its result."""
     return work / "steps" / f"{name}.json"
 
 
@@ -140,8 +143,6 @@ def timed_run(runner: Runner, name: str, model: str, hyp: str, settings: TrainSe
               teacher: Path | None = None) -> dict:
     """One train.py (or train_distill.py) run: its rate over the epochs after the first, and its
     time to the first epoch's end and per later epoch (what the accuracy step plans with)."""
-    from benchmarks.common import hyp_file, read_results_csv, train_rate
-
     run_dir = runner.runs / name
     shutil.rmtree(run_dir, ignore_errors=True)  # the clock must not see an earlier run's rows
     with RowClock(run_dir / "results.csv") as clock:
@@ -165,7 +166,6 @@ def step_prepare(ctx: Context) -> None:
     """Machine, packages and the data: BCCD via common.resolve_data, else a synthetic stand-in."""
     import yaml
 
-    from benchmarks.common import count_images, machine_info, resolve_data
     from utils.data_config import load_data_config
 
     opt = ctx.opt
@@ -177,6 +177,8 @@ def step_prepare(ctx: Context) -> None:
         if opt.data:
             kind = f"--data {opt.data}"
     except UserError as exc:  # no BCCD here: speed on a stand-in of its size, no accuracy
+        if opt.data or opt.dry_run:  # a --data the user gave must work
+            raise
         from utils.synthetic import generate
 
         yaml_file = generate(ctx.work / "data" / "synthetic-bccd-size", BCCD_TRAIN, BCCD_VAL, BCCD_WIDTH, SEED)
@@ -220,8 +222,6 @@ def _version(dist: str) -> str | None:
 def step_train_speed(ctx: Context) -> None:
     """Per batch: the GPU-only ceiling, then train.py with --gpu-augment and with CPU augmentation."""
     from benchmarks.train_speed import PUBLIC_IMAGES_S, gpu_only_rate
-
-    from benchmarks.common import hyp_file
 
     opt, data = ctx.opt, ctx.previous(PREPARE)["data"]
     runner = ctx.runner("train_speed")
@@ -322,7 +322,6 @@ def choose_plan(budget_s: float, train_images: int, speed: dict, model: str) -> 
 
 def step_accuracy(ctx: Context) -> None:
     """train.py from scratch for the planned epochs (validation after the last), then val.py."""
-    from benchmarks.common import hyp_file
     from benchmarks.train_bccd import PUBLIC
 
     opt, data = ctx.opt, ctx.previous(PREPARE)["data"]
@@ -481,8 +480,6 @@ def round_robin(calls: list[Callable[[], object]], warmup: int, runs: int,
 
 def summary(times: list[float], batch: int) -> dict:
     """Median and p90 (ms) of per-run seconds, and images/s at the median."""
-    import statistics
-
     import numpy as np
 
     median = statistics.median(times)
@@ -491,6 +488,7 @@ def summary(times: list[float], batch: int) -> dict:
 
 # ---------------------------------------------------------------------------------------- tables
 def train_speed_md(result: dict) -> str:
+    """Ceiling and train.py runs per batch, with the ratios to the public rate and the ceiling."""
     rows = []
     for label, ceiling in result.get("ceilings", {}).items():
         rows.append([f"GPU-only step, random tensors (ceiling), amp {ceiling['amp']}", ceiling["batch"],
@@ -513,6 +511,7 @@ def train_speed_md(result: dict) -> str:
 
 
 def distill_md(result: dict) -> str:
+    """Scratch and distilled rates of the student, and the time ratio against the goal."""
     rows = [[f"train.py ({SCRATCH_HYP})", result["student"], fmt(result.get("scratch", {}).get("images_s"), 1), "1.00"]]
     if "distill" in result:
         rows.append([f"train_distill.py ({DISTILL_HYP}), teacher {result['teacher']}", result["student"],
@@ -526,6 +525,7 @@ def distill_md(result: dict) -> str:
 
 
 def accuracy_md(result: dict) -> str:
+    """Our val mAP next to the public run's, with the plan and what the comparison can say."""
     plan = result["plan"]
     rows = []
     if "val_map" in result:
@@ -548,6 +548,7 @@ def accuracy_md(result: dict) -> str:
 
 
 def latency_md(result: dict) -> str:
+    """Per model and batch: median latency and images/s in PyTorch and ONNX Runtime."""
     batches = result["batches"]
     headers = ["model", "role", "params (M)", "GFLOPs"]
     headers += [f"torch b{b} median ms (images/s)" for b in batches]
@@ -569,6 +570,9 @@ def latency_md(result: dict) -> str:
 
 @dataclass(frozen=True)
 class Step:
+    """One measurement of the proof: its name, nominal time share, the modules it needs, its function
+    and its table."""
+
     name: str
     title: str
     share_s: float  # nominal seconds of the default budget; the actual budget is scaled to what is left
