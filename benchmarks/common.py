@@ -300,6 +300,21 @@ class Runner:
         done = json.loads(marker.read_text())
         return done if done.get("command") == command else None
 
+    def _train_args(self, name: str, cfg: Path, hyp: Path, seed: int, settings: TrainSettings,
+                    teacher: Path | None) -> tuple[str, list[str]]:
+        script = "train_distill.py" if teacher is not None else "train.py"
+        args = ["--cfg", str(cfg), "--hyp", str(hyp), "--seed", str(seed), *settings.flags(),
+                "--project", str(self.runs), "--name", name, "--exist-ok"]
+        if teacher is not None:
+            args += ["--teacher", str(teacher)]
+        return script, args
+
+    def train_command(self, name: str, cfg: Path, hyp: Path, seed: int, settings: TrainSettings,
+                      teacher: Path | None = None) -> str:
+        """The command line :meth:`train` runs for these arguments (as recorded in its result)."""
+        script, args = self._train_args(name, cfg, hyp, seed, settings, teacher)
+        return display(["python", script, *args])
+
     def train(self, name: str, cfg: Path, hyp: Path, seed: int, settings: TrainSettings,
               teacher: Path | None = None) -> dict:
         """Train (``train.py``) or distil (``train_distill.py`` when ``teacher``) one run.
@@ -310,11 +325,7 @@ class Runner:
         emptied first (results.csv must not mix two runs).
         """
         run_dir = self.runs / name
-        script = "train_distill.py" if teacher is not None else "train.py"
-        args = ["--cfg", str(cfg), "--hyp", str(hyp), "--seed", str(seed), *settings.flags(),
-                "--project", str(self.runs), "--name", name, "--exist-ok"]
-        if teacher is not None:
-            args += ["--teacher", str(teacher)]
+        script, args = self._train_args(name, cfg, hyp, seed, settings, teacher)
         done = self._finished(run_dir, display(["python", script, *args]))
         if done is not None:
             LOGGER.info(f"reusing {run_dir} (--reuse: same command, finished)")

@@ -182,18 +182,50 @@ def _per_class(metrics: dict) -> dict[str, float]:
     return {row["name"]: row["map"] for row in metrics.get("per_class", [])}
 
 
+def run_identity(runner: Runner, opt: argparse.Namespace, settings: TrainSettings, method: str, seed: int,
+                 hyp: Path, teacher: Path | None) -> dict:
+    """What makes two student runs the same: the command and the bytes of its hyp file and teacher."""
+    from utils.train_setup import file_sha256
+
+    name = f"{Path(opt.student).stem}-{method}-s{seed}"
+    command = runner.train_command(name, model_cfg(opt.student, "--student"), hyp, seed, settings, teacher)
+    return {"command": command, "hyp_sha256": file_sha256(hyp),
+            "teacher_sha256": file_sha256(teacher) if teacher is not None else None}
+
+
+def recorded_run(earlier: list[dict], identity: dict) -> dict | None:
+    """A run of an earlier call (its results JSON) with the same identity: ``--reuse`` keeps it even when
+    the run folder is gone (a new checkout keeps the committed results, not runs/)."""
+    for record in earlier:
+        if all(record.get(key) == value for key, value in identity.items()):
+            return record
+    return None
+
+
 def student_run(runner: Runner, opt: argparse.Namespace, settings: TrainSettings, method: str, seed: int,
                 hyp: Path, teacher: Path | None) -> dict:
     """One student run: train (or distil), score best.pt on val and test, read its speed."""
     student = Path(opt.student).stem
+    identity = run_identity(runner, opt, settings, method, seed, hyp, teacher)
     run = runner.train(f"{student}-{method}-s{seed}", model_cfg(opt.student, "--student"), hyp, seed, settings,
                        teacher=teacher)
     val = runner.validate(run["best"], settings, "val", Path(run["dir"]))
     test = runner.validate(run["best"], settings, "test", Path(run["dir"]))
     return {"method": method, "seed": seed, "hyp": str(hyp), "val_map50": val["map50"], "val_map": val["map"],
             "test_map50": test["map50"], "test_map": test["map"], "test_per_class": _per_class(test),
-            "images_s": train_rate(run["dir"]), "wall_s": run["wall_s"], "run_dir": run["dir"],
+            "images_s": train_rate(run["dir"]), "wall_s": run["wall_s"], "run_dir": run["dir"], **identity,
             "command": run["command"]}
+
+
+def earlier_runs(out: Path) -> list[dict]:
+    """The run records of the results JSON an earlier call wrote (none when it is absent or unreadable)."""
+    import json
+
+    try:
+        runs = json.loads(out.read_text()).get("runs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [r for r in runs if isinstance(r, dict)]
 
 
 def gap_closed(distilled: float, scratch: float, teacher: float) -> float:
@@ -332,9 +364,15 @@ def main(argv: list[str] | None = None) -> dict:
         write_results(out, payload)
         out.with_suffix(".md").write_text(report + "\n")
 
+    earlier = earlier_runs(out) if opt.reuse else []
+
     def task(method: str, seed: int) -> None:
         chosen = None if method == SCRATCH else untrained if method == RANDOM_TEACHER else teacher_path
-        result = student_run(runner, opt, settings, method, seed, hyps[method], chosen)
+        result = recorded_run(earlier, run_identity(runner, opt, settings, method, seed, hyps[method], chosen))
+        if result is not None:
+            LOGGER.info(f"reusing {method} seed {seed} from {out} (--reuse: same command, hyp and teacher)")
+        else:
+            result = student_run(runner, opt, settings, method, seed, hyps[method], chosen)
         with lock:
             payload["runs"].append(result)
             publish()

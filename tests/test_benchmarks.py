@@ -5,6 +5,7 @@ The dry runs use --in-process (no interpreter start per run) and one small model
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,10 +164,10 @@ def test_train_speed_dry_run(tmp_path, capsys):
     assert row["mode"] == "gpu" and row["images_s"] > 0 and row["wall_images_s"] > 0
 
 
-def test_distill_bccd_dry_run(tmp_path, capsys):
-    result = distill_bccd.main(["--dry-run", "--in-process", "--teacher-models", "gelan-t", "--methods", "scratch",
-                                "default", "random-teacher", "--epochs", "1", "--work", str(tmp_path),
-                                "--cost-batches", "1"])
+def test_distill_bccd_dry_run(tmp_path, capsys, monkeypatch):
+    args = ["--dry-run", "--in-process", "--teacher-models", "gelan-t", "--methods", "scratch", "default",
+            "random-teacher", "--epochs", "1", "--work", str(tmp_path)]
+    result = distill_bccd.main([*args, "--cost-batches", "1"])
     out = capsys.readouterr().out
     assert "Teacher gelan-t" in out and "| default | 1 |" in out and "Training cost" in out
     runs = {r["method"]: r for r in result["runs"]}
@@ -175,6 +176,19 @@ def test_distill_bccd_dry_run(tmp_path, capsys):
     assert "random-teacher.pt" in runs["random-teacher"]["command"]
     assert set(result["costs"]) == {"scratch", "default"} and result["costs"]["default"] > 0
     assert (tmp_path / "results.md").read_text().startswith("## Distillation")
+
+    # a new checkout keeps the committed results JSON but not the run folders: --reuse keeps the
+    # recorded student runs whose command, hyp bytes and teacher bytes are unchanged, and reruns the rest
+    for method in runs:
+        shutil.rmtree(tmp_path / "runs" / f"yolov9-tiny-{method}-s0")
+    rerun = []
+    monkeypatch.setattr(distill_bccd, "student_run", lambda *a: rerun.append(a[3]) or {**runs[a[3]], "rerun": 1})
+    again = distill_bccd.main([*args, "--reuse"])
+    assert rerun == []
+    assert {r["method"]: r["test_map"] for r in again["runs"]} == {m: r["test_map"] for m, r in runs.items()}
+    rerun.clear()
+    distill_bccd.main([*args, "--reuse", "--methods", "scratch", "default", "--hyp-set", "lr0=0.02"])
+    assert sorted(rerun) == ["default", "scratch"]  # another hyp: nothing reused
 
 
 def test_bccd_is_converted_once_into_the_cache(bccd_root, tmp_path):

@@ -55,6 +55,18 @@ def test_softmax_and_dfl_kd_zero_when_equal_positive_otherwise():
     assert dfl_kd(distri, distri, REG).shape == (2, 30)
 
 
+def test_dfl_kd_is_the_ld_papers_mean_over_bins():
+    # one anchor, 4 sides of REG bins, by hand: T^2 * sum_j p_t,j * log(p_t,j / p_s,j) / REG, mean of sides
+    torch.manual_seed(3)
+    student, teacher, t = torch.randn(1, 1, 4 * REG), torch.randn(1, 1, 4 * REG), 10.0
+    sides = []
+    for side in range(4):
+        s_bins, t_bins = student[0, 0, side * REG:(side + 1) * REG], teacher[0, 0, side * REG:(side + 1) * REG]
+        p_t, p_s = torch.softmax(t_bins / t, 0), torch.softmax(s_bins / t, 0)
+        sides.append(t * t * (p_t * (p_t.log() - p_s.log())).sum() / REG)
+    torch.testing.assert_close(dfl_kd(student, teacher, REG, t)[0, 0], torch.stack(sides).mean())
+
+
 @pytest.mark.parametrize("name", ["binary", "softmax", "dfl"])
 def test_each_logit_term_pulls_the_student_towards_the_teacher(name):
     torch.manual_seed(0)

@@ -56,11 +56,14 @@ def softmax_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float 
 def dfl_kd(student: torch.Tensor, teacher: torch.Tensor, reg_max: int = REG_MAX,
            temperature: float = 1.0) -> torch.Tensor:
     """Localization distillation (LD): KL between the DFL bin distributions of each box side at T
-    (times T^2), mean over the 4 sides; ``[B, A]`` from ``[B, A, 4 * reg_max]`` logits."""
+    (times T^2), averaged over the bins as in the LD paper's loss (its KL is a mean over the bins, so
+    its weight is on the scale of the DFL gain), then over the 4 sides; ``[B, A]`` from
+    ``[B, A, 4 * reg_max]`` logits. A sum over the bins would be ``reg_max`` times stronger: at T 10
+    it outweighed the whole detection loss on BCCD (benchmarks/distill_bccd.py)."""
     batch, anchors, _ = student.shape
     student = student.reshape(batch, anchors, NUM_SIDES, reg_max)
     teacher = teacher.reshape(batch, anchors, NUM_SIDES, reg_max)
-    return _kl_of_softmax(student, teacher, temperature).mean(-1)
+    return _kl_of_softmax(student, teacher, temperature).mean(-1) / reg_max
 
 
 # ------------------------------------------------------------------------------- feature terms
