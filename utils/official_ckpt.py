@@ -352,6 +352,13 @@ def check_file(path: str | Path) -> Path:
     if size == 0:
         raise UserError(f"{path} is empty (0 bytes): the download or copy did not finish")
     if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise UserError(f"{path} is not a readable zip archive ({exception_text(exc)})") from exc
+        if not any(n.endswith("/" + PICKLE_NAME) and n.count("/") == 1 for n in names):
+            raise UserError(f"{path} is a zip archive but not a PyTorch checkpoint (no {PICKLE_NAME} inside)")
         return path
     with open(path, "rb") as f:
         if f.read(len(ZIP_MAGIC)) == ZIP_MAGIC:
