@@ -292,13 +292,13 @@ class Runner:
             if exc.code:
                 raise RunFailed(f"{script} exited with code {exc.code} (message above)") from None
 
-    def _finished(self, run_dir: Path, command: str) -> dict | None:
-        """The record of a finished run made by the very same command (``--reuse`` only)."""
+    def _finished(self, run_dir: Path, command: str, hyp_sha: str) -> dict | None:
+        """The record of a finished run made by the very same command and hyp bytes (``--reuse`` only)."""
         marker = run_dir / RUN_MARKER
         if not (self.reuse and marker.is_file() and (run_dir / "weights" / "best.pt").is_file()):
             return None
         done = json.loads(marker.read_text())
-        return done if done.get("command") == command else None
+        return done if done.get("command") == command and done.get("hyp_sha256") == hyp_sha else None
 
     def _train_args(self, name: str, cfg: Path, hyp: Path, seed: int, settings: TrainSettings,
                     teacher: Path | None) -> tuple[str, list[str]]:
@@ -324,9 +324,12 @@ class Runner:
         ``--resume`` (which gives the weights of an uninterrupted run); otherwise its folder is
         emptied first (results.csv must not mix two runs).
         """
+        from utils.train_setup import file_sha256
+
         run_dir = self.runs / name
         script, args = self._train_args(name, cfg, hyp, seed, settings, teacher)
-        done = self._finished(run_dir, display(["python", script, *args]))
+        hyp_sha = file_sha256(hyp)
+        done = self._finished(run_dir, display(["python", script, *args]), hyp_sha)
         if done is not None:
             LOGGER.info(f"reusing {run_dir} (--reuse: same command, finished)")
             self.commands.append(done["command"])
@@ -334,17 +337,18 @@ class Runner:
         shown = display(["python", script, *args])
         pending, last = run_dir / PENDING_MARKER, run_dir / "weights" / "last.pt"
         earlier = json.loads(pending.read_text()) if self.reuse and pending.is_file() and last.is_file() else {}
-        if earlier.get("command") == shown:
+        resumed = earlier.get("command") == shown and earlier.get("hyp_sha256") == hyp_sha
+        if resumed:
             LOGGER.info(f"resuming {run_dir} (--reuse: same command, interrupted)")
             wall = earlier.get("wall_s", 0.0) + self._execute(script, ["--resume", str(last)],
                                                               run_dir / "train-resumed.log")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True)
-            pending.write_text(json.dumps({"command": shown}))
+            pending.write_text(json.dumps({"command": shown, "hyp_sha256": hyp_sha}))
             wall = self._execute(script, args, run_dir / "train.log")
         result = {"name": name, "dir": str(run_dir), "best": str(run_dir / "weights" / "best.pt"),
-                  "wall_s": wall, "command": shown, "resumed": bool(earlier.get("command") == shown)}
+                  "wall_s": wall, "command": shown, "hyp_sha256": hyp_sha, "resumed": resumed}
         (run_dir / RUN_MARKER).write_text(json.dumps(result, indent=1))
         pending.unlink(missing_ok=True)
         return result

@@ -77,7 +77,7 @@ def test_method_hyps_apply_the_ablation_and_the_common_changes(tmp_path):
     assert "distill_cls" not in hyps["scratch"]
     assert hyps["default"] == {**base, "ema_epochs": 3, "lr0": 0.02}
     assert hyps["crosskd"]["distill_crosskd"] is True and hyps["no-pkd"]["distill_feat"] == 0
-    assert hyps["stop-at-close-mosaic"]["distill_stop_epoch"] == "close_mosaic"
+    assert hyps["default"]["distill_stop_epoch"] == "close_mosaic" and hyps["kd-constant"]["distill_stop_epoch"] == -1
     assert [hyps["kd-off"][k] for k in ("distill_cls", "distill_box", "distill_feat")] == [0, 0, 0]
     assert hyps["classic"]["distill_det_weight"] == 0.65
     with pytest.raises(common.UserError, match="--hyp-set"):
@@ -103,15 +103,17 @@ def test_summary_pairs_seeds_and_claims_only_consistent_gains():
     assert math.isnan(distill_bccd.gap_closed(0.5, 0.4, 0.3))  # teacher behind: no gap to close
 
 
-def test_reuse_needs_the_same_command(tmp_path):
+def test_reuse_needs_the_same_command_and_hyp(tmp_path):
     runner = common.Runner(tmp_path, reuse=True)
     run_dir = tmp_path / "runs" / "r"
     (run_dir / "weights").mkdir(parents=True)
     (run_dir / "weights" / "best.pt").write_bytes(b"")
-    (run_dir / common.RUN_MARKER).write_text(json.dumps({"command": "python train.py --epochs 3"}))
-    assert runner._finished(run_dir, "python train.py --epochs 3") is not None
-    assert runner._finished(run_dir, "python train.py --epochs 4") is None
-    assert common.Runner(tmp_path)._finished(run_dir, "python train.py --epochs 3") is None
+    (run_dir / common.RUN_MARKER).write_text(json.dumps({"command": "python train.py --epochs 3",
+                                                          "hyp_sha256": "aa"}))
+    assert runner._finished(run_dir, "python train.py --epochs 3", "aa") is not None
+    assert runner._finished(run_dir, "python train.py --epochs 4", "aa") is None
+    assert runner._finished(run_dir, "python train.py --epochs 3", "bb") is None  # the hyp file was edited
+    assert common.Runner(tmp_path)._finished(run_dir, "python train.py --epochs 3", "aa") is None
 
 
 def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
@@ -141,6 +143,17 @@ def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
     assert not (run_dir / common.PENDING_MARKER).exists()
     again = common.Runner(tmp_path / "work", reuse=True, in_process=True).train("r", cfg, hyp, 0, settings)
     assert again["wall_s"] == result["wall_s"]  # finished now: reused, not trained again
+
+    # an interrupted run whose hyp file was edited since starts over instead of resuming
+    monkeypatch.setattr(Trainer, "after_epoch", crash)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(hyp.read_text())
+    with pytest.raises(KeyboardInterrupt):
+        runner.train("e", cfg, edited, 0, settings)
+    edited.write_text(hyp.read_text() + "lr0: 0.02\n")
+    monkeypatch.setattr(Trainer, "after_epoch", original)
+    fresh = common.Runner(tmp_path / "work", reuse=True, in_process=True).train("e", cfg, edited, 0, settings)
+    assert not fresh["resumed"]
 
 
 def test_train_bccd_dry_run_and_reuse(tmp_path, capsys):
