@@ -8,7 +8,8 @@
    - ``default``: the recipe ``--recipe`` (hyp/hyp.distill.yaml);
    - ``classic``: hyp/hyp.distill-classic.yaml, as published;
    - ablations of the default: ``crosskd`` (class/box KD through the teacher's final convs),
-     ``no-pkd`` (feature KD off), ``kd-constant`` (KD also in the close-mosaic epochs), ``ld-t1``
+     ``no-pkd`` (feature KD off), ``kd-constant`` (KD also in the close-mosaic epochs), ``kd-x2`` and
+     ``kd-x4`` (every KD weight doubled / quadrupled), ``ld-t1``
      (LD at temperature 1 instead of 10: sharper box distributions);
    - controls, on the first seed only: ``kd-off`` (all KD weights 0: must reproduce scratch) and
      ``random-teacher`` (the default recipe from an untrained teacher: must not help).
@@ -55,7 +56,9 @@ DEFAULT_SEEDS = (0, 1, 2)
 SCRATCH = "scratch"
 DEFAULT = "default"
 RANDOM_TEACHER = "random-teacher"
-NO_KD = {"distill_cls": 0.0, "distill_box": 0.0, "distill_feat": 0.0}
+KD_WEIGHTS = ("distill_cls", "distill_box", "distill_feat")
+NO_KD = dict.fromkeys(KD_WEIGHTS, 0.0)
+KD_SCALE = "kd_scale"  # a METHODS change: multiply the recipe's KD weights by this
 # method -> (recipe: None = --recipe, else a file in hyp/), hyp overrides
 METHODS: dict[str, tuple[str | None, dict]] = {
     DEFAULT: (None, {}),
@@ -63,6 +66,8 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "crosskd": (None, {"distill_crosskd": True}),
     "no-pkd": (None, {"distill_feat": 0.0}),
     "kd-constant": (None, {"distill_stop_epoch": -1}),  # KD also after mosaic closes
+    "kd-x2": (None, {KD_SCALE: 2.0}),  # every KD weight of the recipe doubled
+    "kd-x4": (None, {KD_SCALE: 4.0}),
     "ld-t1": (None, {"distill_box_temperature": 1.0}),
     "kd-off": (None, NO_KD),
     RANDOM_TEACHER: (None, {}),
@@ -108,7 +113,12 @@ def write_hyp(folder: Path, name: str, source: Path, changes: dict) -> Path:
     """``source`` with ``changes`` applied, written as ``folder/name.yaml`` (unchanged content keeps its path)."""
     from utils.train_setup import load_hyp
 
-    hyp = {**load_hyp(source), **changes}
+    base = load_hyp(source)
+    changes = dict(changes)
+    scale = changes.pop(KD_SCALE, None)
+    if scale is not None:
+        changes = {**{k: base[k] * scale for k in KD_WEIGHTS}, **changes}
+    hyp = {**base, **changes}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     described = ", ".join(f"{k}={v}" for k, v in changes.items()) or "unchanged"

@@ -78,6 +78,8 @@ def test_method_hyps_apply_the_ablation_and_the_common_changes(tmp_path):
     assert hyps["default"] == {**base, "ema_epochs": 3, "lr0": 0.02}
     assert hyps["crosskd"]["distill_crosskd"] is True and hyps["no-pkd"]["distill_feat"] == 0
     assert hyps["default"]["distill_stop_epoch"] == "close_mosaic" and hyps["kd-constant"]["distill_stop_epoch"] == -1
+    assert [hyps["kd-x2"][k] for k in distill_bccd.KD_WEIGHTS] == [2 * base[k] for k in distill_bccd.KD_WEIGHTS]
+    assert hyps["kd-x2"]["distill_stop_epoch"] == base["distill_stop_epoch"]
     assert [hyps["kd-off"][k] for k in ("distill_cls", "distill_box", "distill_feat")] == [0, 0, 0]
     assert hyps["classic"]["distill_det_weight"] == 0.65
     with pytest.raises(common.UserError, match="--hyp-set"):
