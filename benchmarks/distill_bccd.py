@@ -389,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
             publish()
 
     first = [(m, s) for s in opt.seeds for m in FIRST if m in hyps]
-    rest = [(m, s) for s in opt.seeds for m in hyps if m not in FIRST and (m not in CONTROLS or s == opt.seeds[0])]
+    # then method by method (in --methods order), so that each method's row is whole as early as possible
+    rest = [(m, s) for m in hyps for s in opt.seeds if m not in FIRST and (m not in CONTROLS or s == opt.seeds[0])]
     with ThreadPoolExecutor(max_workers=opt.jobs) as pool:
         for future in [pool.submit(task, m, s) for m, s in first + rest]:
             future.result()
