@@ -29,7 +29,7 @@ from utils.errors import UserError
 from utils.official_ckpt import MODULE_CLASSES, read_official
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference" / "yolov9"
+REFERENCE = ROOT / "tests" / "data" / "yolov9-keys"  # measured key lists, copied from shared/reference/yolov9
 NAMES = ["RBC", "WBC", "Platelets"]  # BCCD, in data/bccd.yaml order
 NC = len(NAMES)
 IMG = 64
