@@ -328,13 +328,12 @@ class Runner:
 
         run_dir = self.runs / name
         script, args = self._train_args(name, cfg, hyp, seed, settings, teacher)
-        hyp_sha = file_sha256(hyp)
-        done = self._finished(run_dir, display(["python", script, *args]), hyp_sha)
+        shown, hyp_sha = display(["python", script, *args]), file_sha256(hyp)
+        done = self._finished(run_dir, shown, hyp_sha)
         if done is not None:
             LOGGER.info(f"reusing {run_dir} (--reuse: same command, finished)")
             self.commands.append(done["command"])
             return done
-        shown = display(["python", script, *args])
         pending, last = run_dir / PENDING_MARKER, run_dir / "weights" / "last.pt"
         earlier = json.loads(pending.read_text()) if self.reuse and pending.is_file() and last.is_file() else {}
         resumed = earlier.get("command") == shown and earlier.get("hyp_sha256") == hyp_sha

@@ -193,13 +193,17 @@ def _per_class(metrics: dict) -> dict[str, float]:
     return {row["name"]: row["map"] for row in metrics.get("per_class", [])}
 
 
+def run_name(opt: argparse.Namespace, method: str, seed: int) -> str:
+    return f"{Path(opt.student).stem}-{method}-s{seed}"
+
+
 def run_identity(runner: Runner, opt: argparse.Namespace, settings: TrainSettings, method: str, seed: int,
                  hyp: Path, teacher: Path | None) -> dict:
     """What makes two student runs the same: the command and the bytes of its hyp file and teacher."""
     from utils.train_setup import file_sha256
 
-    name = f"{Path(opt.student).stem}-{method}-s{seed}"
-    command = runner.train_command(name, model_cfg(opt.student, "--student"), hyp, seed, settings, teacher)
+    command = runner.train_command(run_name(opt, method, seed), model_cfg(opt.student, "--student"), hyp, seed,
+                                   settings, teacher)
     return {"command": command, "hyp_sha256": file_sha256(hyp),
             "teacher_sha256": file_sha256(teacher) if teacher is not None else None}
 
@@ -214,11 +218,9 @@ def recorded_run(earlier: list[dict], identity: dict) -> dict | None:
 
 
 def student_run(runner: Runner, opt: argparse.Namespace, settings: TrainSettings, method: str, seed: int,
-                hyp: Path, teacher: Path | None) -> dict:
+                hyp: Path, teacher: Path | None, identity: dict) -> dict:
     """One student run: train (or distil), score best.pt on val and test, read its speed."""
-    student = Path(opt.student).stem
-    identity = run_identity(runner, opt, settings, method, seed, hyp, teacher)
-    run = runner.train(f"{student}-{method}-s{seed}", model_cfg(opt.student, "--student"), hyp, seed, settings,
+    run = runner.train(run_name(opt, method, seed), model_cfg(opt.student, "--student"), hyp, seed, settings,
                        teacher=teacher)
     val = runner.validate(run["best"], settings, "val", Path(run["dir"]))
     test = runner.validate(run["best"], settings, "test", Path(run["dir"]))
@@ -379,11 +381,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     def task(method: str, seed: int) -> None:
         chosen = None if method == SCRATCH else untrained if method == RANDOM_TEACHER else teacher_path
-        result = recorded_run(earlier, run_identity(runner, opt, settings, method, seed, hyps[method], chosen))
+        identity = run_identity(runner, opt, settings, method, seed, hyps[method], chosen)
+        result = recorded_run(earlier, identity)
         if result is not None:
             LOGGER.info(f"reusing {method} seed {seed} from {out} (--reuse: same command, hyp and teacher)")
         else:
-            result = student_run(runner, opt, settings, method, seed, hyps[method], chosen)
+            result = student_run(runner, opt, settings, method, seed, hyps[method], chosen, identity)
         with lock:
             payload["runs"].append(result)
             publish()
