@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # started as `python benchmarks/distill_bccd.py`:
 
 import yaml
 
-from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, fmt,
+from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, display, fmt,
                                fmt_spread, hyp_file, machine_info, markdown_table, mean_spread, model_cfg,
                                report_header, resolve_data, results_path, train_rate, training_parser, write_results)
 from utils.errors import UserError, cli_main
@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--jobs", type=int, default=1, help="runs at once (each gets cpus / jobs threads)")
     add("--min-lead", type=float, default=MIN_LEAD, help="val mAP50-95 lead the teacher needs over scratch")
     add("--cost-batches", type=int, default=0, help="also time each method alone for N batches (0 = skip)")
+    add("--reuse-from", nargs="*", default=[], metavar="JSON",
+        help="results JSONs of calls with another --work: their runs with the same command (work folder aside), "
+             "hyp bytes and teacher bytes are kept (e.g. the scratch runs when only the teacher changes)")
     return parser.parse_args(argv)
 
 
@@ -241,6 +244,21 @@ def earlier_runs(out: Path) -> list[dict]:
     return [r for r in runs if isinstance(r, dict)]
 
 
+def moved_runs(path: Path, work: Path) -> list[dict]:
+    """The run records of another call's results JSON (``--reuse-from``), their commands written as if
+    that call's ``--work`` had been ``work``: where a run lives does not change what it is."""
+    import json
+
+    try:
+        payload = json.loads(path.read_text())
+        other = display([str(Path(payload["settings"]["work"]).resolve())])
+        runs = [r for r in payload.get("runs", []) if isinstance(r, dict) and isinstance(r.get("command"), str)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"--reuse-from {path}: not a results JSON of this benchmark ({exc})") from None
+    here = display([str(Path(work).resolve())])
+    return [{**r, "command": r["command"].replace(other + "/", here + "/")} for r in runs]
+
+
 def gap_closed(distilled: float, scratch: float, teacher: float) -> float:
     """Share of the teacher's lead over the scratch student that distillation recovers (NaN when
     the teacher is not ahead: there is no gap to close)."""
@@ -355,6 +373,8 @@ def main(argv: list[str] | None = None) -> dict:
     command = command_line("distill_bccd", argv)
     info = machine_info(opt.device)
     out = results_path(opt)
+    earlier = earlier_runs(out) if opt.reuse else []
+    earlier += [r for path in opt.reuse_from for r in moved_runs(Path(path), work)]  # checked before any run
     payload = {"benchmark": "distill_bccd", "dry_run": opt.dry_run, "command": command, "machine": info,
                "settings": {**vars(opt), "data": str(data), "hyps": {k: str(v) for k, v in hyps.items()}},
                "teacher": None, "runs": [], "summary": [], "costs": {}}
@@ -377,7 +397,6 @@ def main(argv: list[str] | None = None) -> dict:
         write_results(out, payload)
         out.with_suffix(".md").write_text(report + "\n")
 
-    earlier = earlier_runs(out) if opt.reuse else []
 
     def task(method: str, seed: int) -> None:
         chosen = None if method == SCRATCH else untrained if method == RANDOM_TEACHER else teacher_path

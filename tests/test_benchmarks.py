@@ -205,6 +205,22 @@ def test_distill_bccd_dry_run(tmp_path, capsys, monkeypatch):
     distill_bccd.main([*args, "--reuse", "--methods", "scratch", "default", "--hyp-set", "lr0=0.02"])
     assert sorted(rerun) == ["default", "scratch"]  # another hyp: nothing reused
 
+    # --reuse-from: another call (its own --work, another teacher) keeps the first call's scratch runs,
+    # which need no teacher, and runs the distilled ones anew
+    rerun.clear()
+    other = tmp_path / "other"
+    teacher = Path(result["teacher"]["best"])
+    moved = distill_bccd.main(["--dry-run", "--in-process", "--teacher", str(teacher), "--methods", "scratch",
+                               "default", "--epochs", "1", "--work", str(other),
+                               "--reuse-from", str(tmp_path / "results.json")])
+    assert rerun == ["default"]
+    scratch = next(r for r in moved["runs"] if r["method"] == "scratch")
+    assert scratch["test_map"] == runs["scratch"]["test_map"] and str(other / "runs") in scratch["command"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        distill_bccd.main([*args[:-1], str(other), "--reuse-from", str(teacher)])
+    assert exit_info.value.code == 2 and "--reuse-from" in capsys.readouterr().err
+
 
 def test_bccd_is_converted_once_into_the_cache(bccd_root, tmp_path):
     from utils.data_config import load_data_config
