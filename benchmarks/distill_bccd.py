@@ -256,7 +256,8 @@ def moved_runs(path: Path, work: Path) -> list[dict]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"--reuse-from {path}: not a results JSON of this benchmark ({exc})") from None
     here = display([str(Path(work).resolve())])
-    return [{**r, "command": r["command"].replace(other + "/", here + "/")} for r in runs]
+    return [{**r, "command": r["command"].replace(other + "/", here + "/"),
+             "recorded_in": r.get("recorded_in", str(path))} for r in runs]
 
 
 def gap_closed(distilled: float, scratch: float, teacher: float) -> float:
@@ -403,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
         identity = run_identity(runner, opt, settings, method, seed, hyps[method], chosen)
         result = recorded_run(earlier, identity)
         if result is not None:
-            LOGGER.info(f"reusing {method} seed {seed} from {out} (--reuse: same command, hyp and teacher)")
+            LOGGER.info(f"reusing {method} seed {seed} recorded in {result.get('recorded_in', out)} "
+                        f"(same command, hyp and teacher)")
         else:
             result = student_run(runner, opt, settings, method, seed, hyps[method], chosen, identity)
         with lock:

@@ -216,6 +216,7 @@ def test_distill_bccd_dry_run(tmp_path, capsys, monkeypatch):
     assert rerun == ["default"]
     scratch = next(r for r in moved["runs"] if r["method"] == "scratch")
     assert scratch["test_map"] == runs["scratch"]["test_map"] and str(other / "runs") in scratch["command"]
+    assert scratch["recorded_in"] == str(tmp_path / "results.json")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         distill_bccd.main([*args[:-1], str(other), "--reuse-from", str(teacher)])
