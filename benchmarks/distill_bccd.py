@@ -75,6 +75,7 @@ METHODS: dict[str, tuple[str | None, dict]] = {
 FIRST = (SCRATCH, DEFAULT)  # run for every seed before the other methods: the headline comparison
 CONTROLS = ("kd-off", RANDOM_TEACHER)  # sanity checks: run on the first seed only
 MIN_LEAD = 0.03  # the teacher must beat the scratch student by this much val mAP50-95
+UNTRAINED_DATE = "1970-01-01T00:00:00+00:00"  # the random teacher's checkpoint date: no clock in its bytes
 CLAIM_SIGMAS = 2.0  # a gain is claimed when positive on every seed and mean > 2 std
 
 
@@ -149,7 +150,11 @@ def method_hyps(opt: argparse.Namespace, folder: Path) -> dict[str, Path]:
 
 
 def random_teacher(trained: Path, out: Path) -> Path:
-    """An untrained model of the teacher's architecture and classes (seed 0), as our checkpoint."""
+    """An untrained model of the teacher's architecture and classes (seed 0), as our checkpoint.
+
+    The file's bytes depend only on the teacher's architecture and classes (a fixed date, no clock), so
+    its hash - part of a run's identity - is the same in every session and ``--reuse`` keeps the run.
+    """
     import torch
 
     from models.yolo import DetectionModel
@@ -164,7 +169,9 @@ def random_teacher(trained: Path, out: Path) -> Path:
     torch.random.set_rng_state(state)
     model.names = list(template.names.values()) if isinstance(template.names, dict) else list(template.names)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(make_checkpoint(model, epoch=-1), out)
+    ckpt = make_checkpoint(model, epoch=-1, extra={"random_init_seed": 0})
+    ckpt["date"] = UNTRAINED_DATE
+    save_checkpoint(ckpt, out)
     return out
 
 

@@ -118,6 +118,23 @@ def test_reuse_needs_the_same_command_and_hyp(tmp_path):
     assert common.Runner(tmp_path)._finished(run_dir, "python train.py --epochs 3", "aa") is None
 
 
+def test_random_teacher_file_is_the_same_in_every_session(tmp_path):
+    """Its hash is part of the control run's identity: a clock in the bytes would rerun it every session."""
+    import torch
+
+    from utils.checkpoint import load_model
+
+    trained = Path(__file__).resolve().parents[1] / "weights" / "gelan-t-bccd256.pt"
+    first = distill_bccd.random_teacher(trained, tmp_path / "a" / "random-teacher.pt")
+    second = distill_bccd.random_teacher(trained, tmp_path / "b" / "random-teacher.pt")
+    assert first.read_bytes() == second.read_bytes()
+    untrained, shipped = load_model(first), load_model(trained)
+    assert untrained.names == shipped.names and untrained.yaml == shipped.yaml
+    differs = [not torch.equal(a.float(), b.float()) for a, b in
+               zip(untrained.state_dict().values(), shipped.state_dict().values()) if a.is_floating_point()]
+    assert sum(differs) > len(differs) // 2  # not the trained weights
+
+
 def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
     from utils.engine import Trainer
     from utils.synthetic import generate
