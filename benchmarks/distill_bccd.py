@@ -8,8 +8,8 @@
    - ``default``: the recipe ``--recipe`` (hyp/hyp.distill.yaml);
    - ``classic``: hyp/hyp.distill-classic.yaml, as published;
    - ablations of the default: ``crosskd`` (class/box KD through the teacher's final convs),
-     ``no-pkd`` (feature KD off), ``kd-constant`` (KD also in the close-mosaic epochs), ``kd-x2`` and
-     ``kd-x4`` (every KD weight doubled / quadrupled), ``ld-t1``
+     ``no-pkd`` (feature KD off), ``kd-constant`` (KD also in the close-mosaic epochs), ``kd-half``,
+     ``kd-x2`` and ``kd-x4`` (every KD weight halved / doubled / quadrupled), ``ld-t1``
      (LD at temperature 1 instead of 10: sharper box distributions);
    - controls, on the first seed only: ``kd-off`` (all KD weights 0: must reproduce scratch) and
      ``random-teacher`` (the default recipe from an untrained teacher: must not help).
@@ -25,7 +25,8 @@
         --close-mosaic 10 --hyp-set ema_epochs=3 --jobs 2 --reuse      # the README proof
     python -m benchmarks.distill_bccd --dry-run                        # CPU check, synthetic set
 Results (JSON and a markdown table) are written after every run; ``--reuse`` continues an
-interrupted benchmark, keeping every finished run whose command is unchanged.
+interrupted benchmark, keeping every finished run that trained the same thing (command, hyp values and
+teacher bytes; see ``recorded_run``), also under another method name.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +68,7 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "crosskd": (None, {"distill_crosskd": True}),
     "no-pkd": (None, {"distill_feat": 0.0}),
     "kd-constant": (None, {"distill_stop_epoch": -1}),  # KD also after mosaic closes
+    "kd-half": (None, {KD_SCALE: 0.5}),  # every KD weight of the recipe halved
     "kd-x2": (None, {KD_SCALE: 2.0}),  # every KD weight of the recipe doubled
     "kd-x4": (None, {KD_SCALE: 4.0}),
     "ld-t1": (None, {"distill_box_temperature": 1.0}),
@@ -209,20 +212,59 @@ def run_name(opt: argparse.Namespace, method: str, seed: int) -> str:
 
 def run_identity(runner: Runner, opt: argparse.Namespace, settings: TrainSettings, method: str, seed: int,
                  hyp: Path, teacher: Path | None) -> dict:
-    """What makes two student runs the same: the command and the bytes of its hyp file and teacher."""
+    """What makes two student runs the same: the command and the bytes of its hyp file and teacher
+    (plus the hyp's values, so that a method renamed or a recipe re-expressed still finds its runs)."""
     from utils.train_setup import file_sha256
 
     command = runner.train_command(run_name(opt, method, seed), model_cfg(opt.student, "--student"), hyp, seed,
                                    settings, teacher)
-    return {"command": command, "hyp_sha256": file_sha256(hyp),
+    return {"command": command, "hyp_sha256": file_sha256(hyp), "hyp_values_sha256": hyp_values_sha256(hyp),
             "teacher_sha256": file_sha256(teacher) if teacher is not None else None}
 
 
+def hyp_values_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a hyp file's values (comments, key order and number spelling aside)."""
+    import hashlib
+    import json
+
+    from utils.train_setup import load_hyp
+
+    return hashlib.sha256(json.dumps(load_hyp(path), sort_keys=True).encode()).hexdigest()
+
+
+LABEL_FLAGS = ("--name", "--hyp")  # where a run is written and what its hyp file is called: not what it trains
+
+
+def trained_command(command: str) -> list[str]:
+    """``command`` without the values of LABEL_FLAGS (the hyp's content is compared on its own)."""
+    words = shlex.split(command)
+    return [w for i, w in enumerate(words) if w not in LABEL_FLAGS and (i == 0 or words[i - 1] not in LABEL_FLAGS)]
+
+
+def _recorded_hyp_values(record: dict) -> str | None:
+    """The values hash of a record's hyp file while that file still holds the bytes the run used."""
+    from utils.train_setup import file_sha256
+
+    path = Path(record["hyp"]) if isinstance(record.get("hyp"), str) else None
+    if path is None or not path.is_file() or file_sha256(path) != record.get("hyp_sha256"):
+        return None
+    return hyp_values_sha256(path)
+
+
 def recorded_run(earlier: list[dict], identity: dict) -> dict | None:
-    """A run of an earlier call (its results JSON) with the same identity: ``--reuse`` keeps it even when
-    the run folder is gone (a new checkout keeps the committed results, not runs/)."""
+    """A run of an earlier call (its results JSON) that trained the same thing: ``--reuse`` keeps it even
+    when the run folder is gone (a new checkout keeps the committed results, not runs/). The same thing:
+    the same teacher bytes and command (its run name and hyp path aside), and a hyp file with the same
+    bytes or the same values (``main`` fills in a record's values hash from its hyp file while that
+    still holds the bytes the run used)."""
     for record in earlier:
-        if all(record.get(key) == value for key, value in identity.items()):
+        if record.get("teacher_sha256") != identity["teacher_sha256"] or not isinstance(record.get("command"), str):
+            continue
+        if trained_command(record["command"]) != trained_command(identity["command"]):
+            continue
+        if record.get("hyp_sha256") == identity["hyp_sha256"]:
+            return record
+        if record.get("hyp_values_sha256") == identity["hyp_values_sha256"]:
             return record
     return None
 
@@ -373,6 +415,11 @@ def main(argv: list[str] | None = None) -> dict:
         opt.cost_batches = min(opt.cost_batches, DRY.max_batches)
     model_cfg(opt.student, "--student")  # a bad name fails here, before any training
     work = Path(opt.work)
+    out = results_path(opt)
+    earlier = earlier_runs(out) if opt.reuse else []
+    earlier += [r for path in opt.reuse_from for r in moved_runs(Path(path), work)]  # checked before any run
+    # the values of the hyp files the earlier runs used, read before this call rewrites those files
+    earlier = [{**r, "hyp_values_sha256": r.get("hyp_values_sha256") or _recorded_hyp_values(r)} for r in earlier]
     hyps = method_hyps(opt, work / "hyp")
     data = resolve_data(opt)
     settings = TrainSettings.from_args(opt, data, close_mosaic=opt.close_mosaic)
@@ -380,9 +427,6 @@ def main(argv: list[str] | None = None) -> dict:
     runner = Runner(work, reuse=opt.reuse, in_process=opt.in_process and opt.jobs == 1, threads=threads)
     command = command_line("distill_bccd", argv)
     info = machine_info(opt.device)
-    out = results_path(opt)
-    earlier = earlier_runs(out) if opt.reuse else []
-    earlier += [r for path in opt.reuse_from for r in moved_runs(Path(path), work)]  # checked before any run
     payload = {"benchmark": "distill_bccd", "dry_run": opt.dry_run, "command": command, "machine": info,
                "settings": {**vars(opt), "data": str(data), "hyps": {k: str(v) for k, v in hyps.items()}},
                "teacher": None, "runs": [], "summary": [], "costs": {}}
@@ -411,8 +455,12 @@ def main(argv: list[str] | None = None) -> dict:
         identity = run_identity(runner, opt, settings, method, seed, hyps[method], chosen)
         result = recorded_run(earlier, identity)
         if result is not None:
-            LOGGER.info(f"reusing {method} seed {seed} recorded in {result.get('recorded_in', out)} "
-                        f"(same command, hyp and teacher)")
+            was = "" if result.get("method") == method else f" as {result.get('method')}"
+            LOGGER.info(f"reusing {method} seed {seed}: recorded{was} in {result.get('recorded_in', out)} "
+                        f"(same command, hyp values and teacher)")
+            if was:  # the same training under another method name (e.g. the recipe's weights became the default)
+                result = {**result, "method": method, "recorded_as": result.get("recorded_as", result["method"]),
+                          **identity}
         else:
             result = student_run(runner, opt, settings, method, seed, hyps[method], chosen, identity)
         with lock:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from benchmarks import common, distill_bccd, train_bccd, train_speed
+from utils.train_setup import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,6 +117,33 @@ def test_reuse_needs_the_same_command_and_hyp(tmp_path):
     assert runner._finished(run_dir, "python train.py --epochs 4", "aa") is None
     assert runner._finished(run_dir, "python train.py --epochs 3", "bb") is None  # the hyp file was edited
     assert common.Runner(tmp_path)._finished(run_dir, "python train.py --epochs 3", "aa") is None
+
+
+def test_a_run_is_kept_under_another_name_when_it_trained_the_same_thing(tmp_path):
+    """The recipe's weights doubled became the default: its kd-x2 runs are the new default's runs."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lr0: 0.01\ndistill_cls: 1.0\ndistill_box: 1.5\ndistill_feat: 2.0\n")
+    doubled = distill_bccd.write_hyp(tmp_path / "old", "kd-x2", recipe, {distill_bccd.KD_SCALE: 2.0})
+    new_recipe = tmp_path / "new.yaml"
+    new_recipe.write_text("# new default\nlr0: 0.01\ndistill_feat: 4.0\ndistill_cls: 2.0\ndistill_box: 3.0\n")
+    default = distill_bccd.write_hyp(tmp_path / "new", "default", new_recipe, {})
+    assert doubled.read_bytes() != default.read_bytes()
+
+    def identity(hyp, name, teacher="t", extra=""):
+        command = f"python train_distill.py --hyp {hyp} --seed 0 --name yolov9-tiny-{name}-s0{extra}"
+        return {"command": command, "hyp_sha256": file_sha256(hyp), "hyp_values_sha256":
+                distill_bccd.hyp_values_sha256(hyp), "teacher_sha256": teacher}
+
+    old = {**identity(doubled, "kd-x2"), "method": "kd-x2", "seed": 0, "hyp": str(doubled), "test_map": 0.5}
+    del old["hyp_values_sha256"]  # a record written before values were hashed: read from its file
+    filled = {**old, "hyp_values_sha256": distill_bccd._recorded_hyp_values(old)}
+    assert distill_bccd.recorded_run([filled], identity(default, "default"))["test_map"] == 0.5
+    assert distill_bccd.recorded_run([filled], identity(default, "default", teacher="u")) is None
+    assert distill_bccd.recorded_run([filled], identity(default, "default", extra=" --epochs 9")) is None
+    halved = distill_bccd.write_hyp(tmp_path / "new", "kd-half", new_recipe, {distill_bccd.KD_SCALE: 0.5})
+    assert distill_bccd.recorded_run([filled], identity(halved, "kd-half")) is None
+    doubled.write_text(doubled.read_text().replace("lr0: 0.01", "lr0: 0.02"))  # the file no longer holds the run's
+    assert distill_bccd._recorded_hyp_values(old) is None                    # bytes: its values are not trusted
 
 
 def test_random_teacher_file_is_the_same_in_every_session(tmp_path):
