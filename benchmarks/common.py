@@ -339,8 +339,10 @@ class Runner:
         resumed = earlier.get("command") == shown and earlier.get("hyp_sha256") == hyp_sha
         if resumed:
             LOGGER.info(f"resuming {run_dir} (--reuse: same command, interrupted)")
-            wall = earlier.get("wall_s", 0.0) + self._execute(script, ["--resume", str(last)],
-                                                              run_dir / "train-resumed.log")
+            # the wall time of the epochs trained before the interruption (results.csv logs each one's)
+            before = sum(row.get("time/epoch_s", 0.0) for row in read_results_csv(run_dir)
+                         if math.isfinite(row.get("time/epoch_s", math.nan))) if (run_dir / "results.csv").is_file() else 0.0
+            wall = before + self._execute(script, ["--resume", str(last)], run_dir / "train-resumed.log")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True)

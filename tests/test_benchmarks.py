@@ -183,10 +183,19 @@ def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
         runner.train("r", cfg, hyp, 0, settings)
     run_dir = tmp_path / "work" / "runs" / "r"
     assert (run_dir / common.PENDING_MARKER).is_file() and not (run_dir / common.RUN_MARKER).is_file()
+    # the interrupted part took 1000 s (as results.csv says): the resumed run's wall time includes it
+    csv_file = run_dir / "results.csv"
+    header, first = csv_file.read_text().splitlines()[:2]
+    column = [name.strip() for name in header.split(",")].index("time/epoch_s")
+    cells = first.split(",")
+    cells[column] = "1000"
+    csv_file.write_text(header + "\n" + ",".join(cells) + "\n")
     monkeypatch.setattr(Trainer, "after_epoch", original)
     result = common.Runner(tmp_path / "work", reuse=True, in_process=True).train("r", cfg, hyp, 0, settings)
     assert result["resumed"] and "--resume" not in result["command"]
-    assert [row["epoch"] for row in common.read_results_csv(run_dir)] == [0.0, 1.0]
+    rows = common.read_results_csv(run_dir)
+    assert [row["epoch"] for row in rows] == [0.0, 1.0]
+    assert rows[0]["time/epoch_s"] == 1000 and 1000 < result["wall_s"] < 1000 + 600
     assert not (run_dir / common.PENDING_MARKER).exists()
     again = common.Runner(tmp_path / "work", reuse=True, in_process=True).train("r", cfg, hyp, 0, settings)
     assert again["wall_s"] == result["wall_s"]  # finished now: reused, not trained again
