@@ -339,10 +339,8 @@ class Runner:
         resumed = earlier.get("command") == shown and earlier.get("hyp_sha256") == hyp_sha
         if resumed:
             LOGGER.info(f"resuming {run_dir} (--reuse: same command, interrupted)")
-            # the wall time of the epochs trained before the interruption (results.csv logs each one's)
-            before = sum(row.get("time/epoch_s", 0.0) for row in read_results_csv(run_dir)
-                         if math.isfinite(row.get("time/epoch_s", math.nan))) if (run_dir / "results.csv").is_file() else 0.0
-            wall = before + self._execute(script, ["--resume", str(last)], run_dir / "train-resumed.log")
+            wall = epoch_seconds(run_dir) + self._execute(script, ["--resume", str(last)],
+                                                          run_dir / "train-resumed.log")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True)
@@ -391,6 +389,13 @@ def train_rate(run_dir: str | Path, skip: int = 1) -> float:
     rates = [row["speed/img_per_s"] for row in read_results_csv(run_dir)]
     kept = rates[skip:] or rates
     return statistics.fmean(kept) if kept else math.nan
+
+
+def epoch_seconds(run_dir: str | Path) -> float:
+    """Seconds the epochs logged in a run's results.csv took (``time/epoch_s``); 0 without the file."""
+    if not (Path(run_dir) / "results.csv").is_file():
+        return 0.0
+    return sum(t for row in read_results_csv(run_dir) if math.isfinite(t := row.get("time/epoch_s", math.nan)))
 
 
 def mean_spread(values: Sequence[float]) -> tuple[float, float]:
