@@ -295,3 +295,16 @@ def test_model_sizes_reports_official_counts(capsys):
     assert rows[0]["nc80"]["params"] == 2_442_640  # FACTS.md: official gelan-t at nc=80
     assert rows[1]["nc80"]["params"] < 3_500_000
     assert "| gelan-t | 2,442,640 |" in capsys.readouterr().out
+
+
+def test_teacher_speed_times_every_form_and_the_folded_teacher_computes_the_same(tmp_path):
+    from benchmarks import teacher_speed
+
+    out = tmp_path / "speed.json"
+    teacher_speed.main(["--teacher", str(ROOT / "weights" / "gelan-t-bccd256.pt"), "--img", "64", "--batch", "1",
+                        "--warmup", "1", "--runs", "1", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 4 and results["as trained"]["vs_trained"] == 1.0
+    assert all(r["median_ms"] > 0 for r in results.values())
+    assert results["folded"]["max_logit_diff"] < 1e-3 < results["folded, channels-last, bf16 (reference, not used)"]["max_logit_diff"]
+    assert "| folded, channels-last (train_distill.py) |" in out.with_suffix(".md").read_text()

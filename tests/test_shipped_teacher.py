@@ -31,3 +31,33 @@ def test_shipped_teacher_loads_and_scores_what_readme_says(name):
     metrics = evaluate(model, loader, data["names"], progress=False)
     assert metrics["images"] == 87
     assert metrics["map"] == pytest.approx(VAL_MAP[name], abs=TOLERANCE)
+
+
+def test_teacher_is_folded_and_computes_what_the_trained_model_computes():
+    """load_teacher folds Conv+BN and RepConvN (fewer operations per batch); outputs and the features
+    feature KD reads stay those of the model as trained (gelan-s has both kinds of block)."""
+    import torch
+
+    from models.common import RepConvN
+    from utils.train_setup import load_teacher
+
+    path = ROOT / "weights" / "gelan-s-bccd256-e160.pt"
+    reference = load_model(path).float().eval()
+    assert reference.model[-1].training is False and any(isinstance(m, RepConvN) for m in reference.modules())
+    teacher = load_teacher(str(path), ["RBC", "WBC", "Platelets"], torch.device("cpu"), half=False)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert teacher.is_fused and all(m.conv1 is None for m in teacher.modules() if isinstance(m, RepConvN))
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in teacher.modules()
+               if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))  # the CPU's faster layout
+    assert sum(p.numel() for p in teacher.parameters()) < sum(p.numel() for p in reference.parameters())
+    images = torch.rand(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, our_feats = teacher(images, feature_layers=teacher.distill_layers)
+        theirs, their_feats = reference(images, feature_layers=reference.distill_layers)
+    for a, b in zip(our_feats, their_feats):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    (decoded, maps), (ref_decoded, ref_maps) = ours, theirs
+    torch.testing.assert_close(decoded, ref_decoded, rtol=1e-3, atol=1e-2)  # boxes in pixels
+    assert len(maps) == len(ref_maps) == 3
+    for a, b in zip(maps, ref_maps):  # the raw logits class KD and LD read
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

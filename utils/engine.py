@@ -34,7 +34,7 @@ from utils.optim import (accumulate_steps, apply_warmup, build_optimizer, lr_lam
 from utils.paths import increment_path
 from utils.run_logger import RunLogger
 from utils.train_setup import (build_model, file_sha256, find_resume_checkpoint, freeze_layers, load_hyp,
-                               load_teacher, resolve_amp, resume_options)
+                               load_teacher, resolve_amp, resume_options, teacher_memory_format)
 
 GRAD_CLIP_NORM = 10.0
 LOG_INTERVAL = 10  # steps between progress-bar refreshes (each one reads losses back from the device)
@@ -294,7 +294,7 @@ class Trainer:
         teacher_img = getattr(self.opt, "teacher_img", 0)
         if teacher_img and teacher_img != imgs.shape[-1]:
             imgs = F.interpolate(imgs, size=(teacher_img, teacher_img), mode="bilinear", align_corners=False)
-        imgs = imgs.to(next(self.teacher.parameters()).dtype)
+        imgs = imgs.to(next(self.teacher.parameters()).dtype, memory_format=teacher_memory_format(self.device))
         if self.distill_loss.uses_features:
             return self.teacher(imgs, feature_layers=self.teacher_layers)
         return self.teacher(imgs), None
