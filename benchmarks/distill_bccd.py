@@ -10,7 +10,8 @@
    - ablations of the default: ``crosskd`` (class/box KD through the teacher's final convs),
      ``no-pkd`` (feature KD off), ``kd-constant`` (KD also in the close-mosaic epochs), ``kd-half``,
      ``kd-x2`` and ``kd-x4`` (every KD weight halved / doubled / quadrupled), ``ld-t1``
-     (LD at temperature 1 instead of 10: sharper box distributions);
+     (LD at temperature 1 instead of 10: sharper box distributions), ``lad`` (the default plus label
+     assignment distillation: the detection loss's targets from the teacher's predictions);
    - controls, on the first seed only: ``kd-off`` (all KD weights 0: must reproduce scratch) and
      ``random-teacher`` (the default recipe from an untrained teacher: must not help).
    ``--hyp-set KEY=VALUE`` changes every run's hyp alike (e.g. ``ema_epochs=3``).
@@ -72,6 +73,7 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "kd-x2": (None, {KD_SCALE: 2.0}),  # every KD weight of the recipe doubled
     "kd-x4": (None, {KD_SCALE: 4.0}),
     "ld-t1": (None, {"distill_box_temperature": 1.0}),
+    "lad": (None, {"distill_assign": "teacher"}),  # + the teacher's label assignment (LAD)
     "kd-off": (None, NO_KD),
     RANDOM_TEACHER: (None, {}),
 }

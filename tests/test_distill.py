@@ -172,7 +172,8 @@ def test_recipes_parse_and_the_classic_one_is_kept_as_published():
 @pytest.mark.parametrize("key, value, word", [
     ("distill_alpha", 0.5, "no longer used"), ("distill_temperature_end", 1.0, "no longer used"),
     ("distill_cls_type", "focal", "must be one of"), ("distill_box", -1.0, "must be a number"),
-    ("distill_stop_epoch", "soon", "close_mosaic"), ("distill_crosskd", "yes", "true or false")])
+    ("distill_stop_epoch", "soon", "close_mosaic"), ("distill_crosskd", "yes", "true or false"),
+    ("distill_assign", "ground_truth", "must be one of")])
 def test_bad_settings_raise_user_error(key, value, word):
     with pytest.raises(UserError, match=word):
         DistillConfig.from_hyp(load_hyp(**{key: value}))
@@ -357,6 +358,37 @@ def test_assigner_path_matches_detection_loss_for_dual_output(gelan_pair):
     got, got_items, main = loss_fn._detection_with_targets(dual, _targets())
     assert torch.allclose(got, expected) and torch.allclose(got_items, expected_items)
     assert main.fg_mask.shape == (BATCH, flatten_maps(maps).shape[1]) and main.fg_mask.any()
+
+
+def test_teacher_assignment_takes_the_teachers_targets_and_trains_only_the_student(gelan_pair):
+    """distill_assign teacher (LAD): positives and soft targets are what the assigner gives for the
+    teacher's predictions; the losses are the student's against them; no gradient reaches the teacher."""
+    student, teacher = gelan_pair
+    student.train()
+    hyp = load_hyp(distill_cls=0.0, distill_box=0.0, distill_feat=0.0, distill_assign="teacher")
+    detection = _detection_loss(student, hyp)
+    loss_fn = DistillationLoss(detection, student, teacher, hyp)
+    assert loss_fn.weight(0, 10) == 1.0  # no KD weight, yet the teacher has a job: it assigns
+    images = torch.rand(BATCH, 3, IMG, IMG)
+    maps = student(images)
+    teacher_maps = [m.detach().requires_grad_(True) for m in teacher.train()(images)]
+    _, own = detection.branch_loss(maps, _targets())
+    items_teacher, by_teacher = detection.branch_loss(teacher_maps, _targets())
+    items, assigned = detection.branch_loss(maps, _targets(), assign_maps=teacher_maps)
+    assert torch.equal(assigned.fg_mask, by_teacher.fg_mask) and torch.equal(assigned.target_scores,
+                                                                              by_teacher.target_scores)
+    assert not torch.equal(own.fg_mask, by_teacher.fg_mask)  # two different nets rank anchors differently
+    assert not torch.allclose(items, items_teacher)  # the student's predictions are what is scored
+    # the same through DistillationLoss, and only the student's maps get a gradient
+    loss, out_items = loss_fn(maps, teacher_maps, _targets())
+    torch.testing.assert_close(out_items["cls"], items[1].detach())
+    torch.testing.assert_close(loss, items.sum() * BATCH)
+    student.zero_grad(set_to_none=True)
+    loss.backward()
+    assert all(m.grad is None for m in teacher_maps)
+    assert student.model[0].conv.weight.grad is not None
+    with pytest.raises(UserError, match="distill_assign teacher"):  # the teacher's grid must be the student's
+        DistillationLoss(detection, student, teacher, hyp, img=64, teacher_img=96)
 
 
 def test_terms_are_float32_under_autocast(gelan_pair):

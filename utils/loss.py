@@ -157,13 +157,15 @@ class DetectionLoss:
             total = total + (items * self.aux_weight if is_aux else items)
         return total.sum() * first.shape[0], total.detach()
 
-    def branch_loss(self, maps: Sequence[torch.Tensor], targets: torch.Tensor
-                    ) -> tuple[torch.Tensor, BranchTargets]:
+    def branch_loss(self, maps: Sequence[torch.Tensor], targets: torch.Tensor,
+                    assign_maps: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, BranchTargets]:
         """Loss of one head branch.
 
         Args:
             maps: ``list[Tensor[B, no, H_i, W_i]]`` raw maps of one branch (P3 first).
             targets: ``Tensor[N, 6]`` as in :meth:`forward`.
+            assign_maps: maps of the same shapes whose scores and boxes the assigner ranks anchors by
+                instead of ``maps``' own (a teacher's, for label assignment distillation); no gradient.
 
         Returns:
             ``Tensor[3]`` gains-weighted (box, cls, dfl) with gradient, and the branch's
@@ -171,7 +173,11 @@ class DetectionLoss:
         """
         first = maps[0]
         gt = self.prepare_targets(targets, first.shape[0], self.input_size(first), first.device)
-        return self._branch_loss(maps, gt)
+        if assign_maps is not None:
+            for own, other in zip(maps, assign_maps, strict=True):
+                if own.shape != other.shape:
+                    raise ValueError(f"assign map {tuple(other.shape)} does not match {tuple(own.shape)}")
+        return self._branch_loss(maps, gt, assign_maps)
 
     def input_size(self, first_map: torch.Tensor) -> tuple[float, float]:
         """Input image (height, width) in pixels, from the P3 map ``[B, no, H0, W0]`` and its stride."""
@@ -224,23 +230,34 @@ class DetectionLoss:
         probs = pred_distri.view(batch, num_anchors, 4, self.reg_max).softmax(-1)
         return dist2bbox(probs @ self._bins(pred_distri.device), anchor_points, xywh=False)
 
-    def _branch_loss(self, maps: Sequence[torch.Tensor], gt: GroundTruth
-                     ) -> tuple[torch.Tensor, BranchTargets]:
+    def _branch_loss(self, maps: Sequence[torch.Tensor], gt: GroundTruth,
+                     assign_maps: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, BranchTargets]:
         device_type = maps[0].device.type
         # The loss is computed in float32 even inside an autocast region (fp16 logits overflow).
         with torch.autocast(device_type=device_type, enabled=False):
-            return self._branch_loss_fp32([m.float() for m in maps], gt)
+            ranked = None if assign_maps is None else [m.detach().float() for m in assign_maps]
+            return self._branch_loss_fp32([m.float() for m in maps], gt, ranked)
 
-    def _branch_loss_fp32(self, maps: list[torch.Tensor], gt: GroundTruth
-                          ) -> tuple[torch.Tensor, BranchTargets]:
+    def _flat_predictions(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head maps -> DFL logits ``[B, A, 4 * reg_max]`` and class logits ``[B, A, C]``."""
         batch = maps[0].shape[0]
         flat = torch.cat([m.reshape(batch, m.shape[1], -1) for m in maps], 2).transpose(1, 2).contiguous()
-        pred_distri, pred_scores = flat.split((4 * self.reg_max, self.num_classes), -1)
+        distri, scores = flat.split((4 * self.reg_max, self.num_classes), -1)
+        return distri, scores
+
+    def _branch_loss_fp32(self, maps: list[torch.Tensor], gt: GroundTruth,
+                          assign_maps: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, BranchTargets]:
+        pred_distri, pred_scores = self._flat_predictions(maps)
         anchor_points, stride_tensor = make_anchors(maps, self.strides[: len(maps)])
         pred_bboxes = self.decode(anchor_points, pred_distri)  # xyxy, grid units
+        if assign_maps is None:  # the usual: the assigner ranks anchors by this branch's own predictions
+            rank_scores, rank_bboxes = pred_scores.detach(), pred_bboxes.detach()
+        else:
+            rank_distri, rank_scores = self._flat_predictions(assign_maps)
+            rank_bboxes = self.decode(anchor_points, rank_distri)
 
         _, target_bboxes, target_scores, fg_mask = self.assigner(
-            pred_scores.detach().sigmoid(), pred_bboxes.detach() * stride_tensor,
+            rank_scores.sigmoid(), rank_bboxes * stride_tensor,
             anchor_points * stride_tensor, gt.labels, gt.bboxes, gt.mask)
         target_bboxes = target_bboxes / stride_tensor
         target_scores_sum = target_scores.sum().clamp(min=MIN_NORMALISER)

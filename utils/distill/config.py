@@ -20,6 +20,7 @@ from utils.errors import UserError
 SCHEDULES = ("constant", "linear", "cosine")
 CLS_TYPES = ("sigmoid", "softmax")
 FEATURE_TYPES = ("mse", "cwd", "mgd", "pkd", "at")
+ASSIGNERS = ("student", "teacher")  # whose predictions the task-aligned assigner ranks anchors by
 NEVER = -1  # distill_stop_epoch value that keeps distilling to the end
 STOP_AT_CLOSE_MOSAIC = "close_mosaic"  # distill_stop_epoch value: stop when mosaic closes
 
@@ -60,6 +61,7 @@ class DistillConfig:
     mgd_alpha: float = 1.0
     mgd_ratio: float = 0.65
     crosskd: bool = False
+    assign: str = "student"
     det_weight: float = 1.0
     schedule: str = "constant"
     weight_end: float = 0.0
@@ -92,14 +94,26 @@ class DistillConfig:
         return self.cls > 0 or self.box > 0
 
     @property
+    def teacher_assigns(self) -> bool:
+        """Whether the detection loss's targets come from the teacher's predictions (label assignment
+        distillation, LAD): the assigner ranks anchors by the teacher's scores and boxes."""
+        return self.assign == "teacher"
+
+    @property
+    def uses_teacher_maps(self) -> bool:
+        """Whether the teacher's head maps are needed (class or box KD, or the teacher's assignment)."""
+        return self.uses_logits or self.teacher_assigns
+
+    @property
     def uses_features(self) -> bool:
         """Whether feature KD is on (it needs the distilled layers' feature maps)."""
         return self.feat > 0
 
     @property
     def active(self) -> bool:
-        """Whether any KD term has a weight: with none, a distillation run is a scratch run."""
-        return self.uses_logits or self.uses_features
+        """Whether the teacher does anything: with no KD weight and the student's own assignment, a
+        distillation run is a scratch run."""
+        return self.uses_teacher_maps or self.uses_features
 
     def _check(self) -> None:
         def number(name: str, low: float, high: float = math.inf) -> None:
@@ -125,6 +139,7 @@ class DistillConfig:
         choice("cls_type", CLS_TYPES)
         choice("feat_type", FEATURE_TYPES)
         choice("schedule", SCHEDULES)
+        choice("assign", ASSIGNERS)
         for name in ("box_teacher_score", "crosskd"):
             flag(name)
         stop = self.stop_epoch

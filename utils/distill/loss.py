@@ -14,6 +14,10 @@ For one batch of B images::
 - ``KD_feat``: a feature term on the distilled layers (PKD, CWD, MGD, MSE, AT), mean over levels.
 - With CrossKD, KD_cls and KD_box compare the cross-head maps (student features through the
   teacher's last convs) instead of the student's own maps.
+- With ``distill_assign: teacher`` (label assignment distillation, Nguyen et al., 2022) the assigner
+  of ``L_det`` ranks anchors by the teacher's scores and boxes instead of the student's, so the
+  student's positives and soft targets are the ones the teacher's predictions give; the box and DFL
+  terms still regress to the ground-truth boxes, and KD_box uses those positives.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def check_teacher_fits(student: nn.Module, teacher: nn.Module, config: DistillCo
     if s_strides != t_strides:
         raise UserError(f"the teacher's strides {t_strides} differ from the student's {s_strides}: "
                         f"their anchors would not pair; pick a teacher with the student's strides")
-    if config.uses_logits:
+    if config.uses_teacher_maps:
         s_reg, t_reg = int(getattr(s_head, "reg_max", REG_MAX)), int(getattr(t_head, "reg_max", REG_MAX))
         if s_reg != t_reg:
             raise UserError(f"the teacher's head outputs {t_reg} DFL bins per side but the student's {s_reg}: "
@@ -81,7 +85,8 @@ def check_teacher_fits(student: nn.Module, teacher: nn.Module, config: DistillCo
         if config.crosskd and not (hasattr(s_head, "branch_modules") and hasattr(t_head, "branch_modules")):
             raise UserError("distill_crosskd needs DDetect-style heads (box and class branches) in both models")
         if teacher_img and img and int(teacher_img) != int(img):
-            raise UserError(f"--teacher-img {teacher_img} with class or box KD: the teacher's anchors at "
+            raise UserError(f"--teacher-img {teacher_img} with class or box KD or distill_assign teacher: "
+                            f"the teacher's anchors at "
                             f"{teacher_img} px do not pair with the student's at {img} px (objects change "
                             f"pyramid levels); drop --teacher-img or use a feature-only recipe")
 
@@ -193,8 +198,9 @@ class DistillationLoss(nn.Module):
         config = self.config
         weight = self.weight(epoch, epochs)
         batch_size = branch_maps(student_out)[-1][0].shape[0]
-        if weight > 0 and config.uses_logits:
-            det_loss, det_items, main = self._detection_with_targets(student_out, targets)
+        if weight > 0 and config.uses_teacher_maps:
+            assign = branch_maps(teacher_out)[-1] if config.teacher_assigns else None
+            det_loss, det_items, main = self._detection_with_targets(student_out, targets, assign)
         else:
             det_loss, det_items = self.detection_loss(student_out, targets)
             main = None
@@ -218,16 +224,18 @@ class DistillationLoss(nn.Module):
                  "distill/feat": weighted["feat"], "distill/total": distill}
         return loss, {key: value.detach() for key, value in items.items()}
 
-    def _detection_with_targets(self, student_out: Any, targets: torch.Tensor):
+    def _detection_with_targets(self, student_out: Any, targets: torch.Tensor,
+                                assign_maps: Sequence[torch.Tensor] | None = None):
         """The detection loss and items, and the main branch's ``BranchTargets`` (assigner output).
 
         Combined from ``branch_loss`` by the same rule as ``DetectionLoss.forward`` (auxiliary branches
         times ``aux_weight``), so the assigner runs once per branch and the value is the same.
+        ``assign_maps`` (the teacher's main maps) set every branch's targets (``distill_assign: teacher``).
         """
         branches = branch_maps(student_out)
         total, main = None, None
         for index, maps in enumerate(branches):
-            items, main = self.detection_loss.branch_loss(maps, targets)
+            items, main = self.detection_loss.branch_loss(maps, targets, assign_maps)
             if index < len(branches) - 1:
                 items = items * self.detection_loss.aux_weight
             total = items if total is None else total + items
