@@ -192,6 +192,12 @@ def main_output(out) -> torch.Tensor:
     return preds
 
 
+def flatten_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Head maps ``list[Tensor[B, no, H_i, W_i]]`` -> ``Tensor[B, A, no]`` (P3 first, row-major)."""
+    batch = maps[0].shape[0]
+    return torch.cat([m.reshape(batch, m.shape[1], -1) for m in maps], 2).transpose(1, 2)
+
+
 def branch_maps(out) -> list[list[torch.Tensor]]:
     """Raw maps per branch (main branch last) from a train-mode (or eval-mode) head output.
 

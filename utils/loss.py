@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.heads import branch_maps
+from models.heads import branch_maps, flatten_maps
 from utils.assigner import TaskAlignedAssigner
 from utils.boxes import bbox2dist, bbox_iou, dist2bbox, make_anchors, xywh2xyxy
 from utils.distill import DistillationLoss
@@ -240,10 +240,7 @@ class DetectionLoss:
 
     def _flat_predictions(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Head maps -> DFL logits ``[B, A, 4 * reg_max]`` and class logits ``[B, A, C]``."""
-        batch = maps[0].shape[0]
-        flat = torch.cat([m.reshape(batch, m.shape[1], -1) for m in maps], 2).transpose(1, 2).contiguous()
-        distri, scores = flat.split((4 * self.reg_max, self.num_classes), -1)
-        return distri, scores
+        return flatten_maps(maps).contiguous().split((4 * self.reg_max, self.num_classes), -1)
 
     def _branch_loss_fp32(self, maps: list[torch.Tensor], gt: GroundTruth,
                           assign_maps: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, BranchTargets]:

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from models.heads import branch_maps
+from models.heads import branch_maps, flatten_maps
 from utils.distill.config import DistillConfig
 from utils.distill.connectors import DistillModules, FeatureAdapter
 from utils.distill.crosskd import CrossKDHead
@@ -39,12 +39,6 @@ from utils.log import LOGGER
 
 PROBE_STRIDES = 2  # the channel probe runs on an image of 2 x the largest stride (small, valid)
 ITEM_KEYS = ("box", "cls", "dfl", "distill/cls", "distill/box", "distill/feat", "distill/total")
-
-
-def flatten_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Head maps ``list[Tensor[B, no, H_i, W_i]]`` -> ``Tensor[B, A, no]`` (P3 first, row-major)."""
-    batch = maps[0].shape[0]
-    return torch.cat([m.reshape(batch, m.shape[1], -1) for m in maps], 2).transpose(1, 2)
 
 
 def feature_channels(model: nn.Module, layers: Sequence[int]) -> list[int]:
