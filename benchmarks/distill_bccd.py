@@ -19,6 +19,10 @@
    test and val mAP50-95 / mAP50, the paired difference to scratch (same seed), the gap closed
    (distilled - scratch) / (teacher - scratch), per-class test AP, training images/s against
    scratch. A gain is claimed only if it is positive on every seed and its mean exceeds twice its std.
+   Beside it, each run's final weights (last.pt, the weight average after the last epoch) are scored
+   on val and test, and its val curve and best epoch are kept: best.pt is the maximum of a noisy val
+   curve over every epoch, so a run whose curve jumps more gets a higher val and a luckier or unluckier
+   test score; last.pt involves no choice at all (a second protocol, reported apart, never mixed).
 4. ``--cost-batches N`` measures the training cost alone: each method for N batches (after one
    warm-up epoch of N batches), one run at a time, images/s against scratch.
 
@@ -48,7 +52,8 @@ import yaml
 
 from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, display, fmt,
                                fmt_spread, hyp_file, machine_info, markdown_table, mean_spread, model_cfg,
-                               report_header, resolve_data, results_path, train_rate, training_parser, write_results)
+                               read_results_csv, report_header, resolve_data, results_path, train_rate,
+                               training_parser, write_results)
 from utils.errors import UserError, cli_main
 from utils.log import LOGGER, setup_logging
 
@@ -82,6 +87,9 @@ CONTROLS = ("kd-off", RANDOM_TEACHER)  # sanity checks: run on the first seed on
 MIN_LEAD = 0.03  # the teacher must beat the scratch student by this much val mAP50-95
 UNTRAINED_DATE = "1970-01-01T00:00:00+00:00"  # the random teacher's checkpoint date: no clock in its bytes
 CLAIM_SIGMAS = 2.0  # a gain is claimed when positive on every seed and mean > 2 std
+LAST_FOLDER = "last"  # <run>/last/val-<task>: the scores of the run's last.pt
+VAL_MAP_COLUMN = "metrics/mAP_0.5:0.95"  # results.csv column of the per-epoch val mAP50-95
+VAL_MAP50_COLUMN = "metrics/mAP_0.5"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -273,15 +281,42 @@ def recorded_run(earlier: list[dict], identity: dict) -> dict | None:
 
 def student_run(runner: Runner, opt: argparse.Namespace, settings: TrainSettings, method: str, seed: int,
                 hyp: Path, teacher: Path | None, identity: dict) -> dict:
-    """One student run: train (or distil), score best.pt on val and test, read its speed."""
+    """One student run: train (or distil), score best.pt (and last.pt) on val and test, read its speed."""
     run = runner.train(run_name(opt, method, seed), model_cfg(opt.student, "--student"), hyp, seed, settings,
                        teacher=teacher)
     val = runner.validate(run["best"], settings, "val", Path(run["dir"]))
     test = runner.validate(run["best"], settings, "test", Path(run["dir"]))
-    return {"method": method, "seed": seed, "hyp": str(hyp), "val_map50": val["map50"], "val_map": val["map"],
-            "test_map50": test["map50"], "test_map": test["map"], "test_per_class": _per_class(test),
-            "images_s": train_rate(run["dir"]), "wall_s": run["wall_s"], "run_dir": run["dir"], **identity,
-            "command": run["command"]}
+    record = {"method": method, "seed": seed, "hyp": str(hyp), "val_map50": val["map50"], "val_map": val["map"],
+              "test_map50": test["map50"], "test_map": test["map"], "test_per_class": _per_class(test),
+              "images_s": train_rate(run["dir"]), "wall_s": run["wall_s"], "run_dir": run["dir"], **identity,
+              "command": run["command"]}
+    return {**record, **final_weights(runner, settings, run["dir"])}
+
+
+def best_epoch(curve50: list[float], curve: list[float]) -> int:
+    """The 0-based epoch whose weights best.pt holds: the last maximum of the engine's fitness
+    (``utils.metrics.fitness``: 0.1 mAP50 + 0.9 mAP50-95; a tie replaces best.pt)."""
+    from utils.metrics import fitness
+
+    scores = [fitness({"map50": m50, "map": m}) for m50, m in zip(curve50, curve)]
+    return max(range(len(scores)), key=lambda i: (scores[i], i))
+
+
+def final_weights(runner: Runner, settings: TrainSettings, run_dir: str | Path) -> dict:
+    """``last_val_map``, ``last_test_map``, ``last_test_map50`` (last.pt scored on val and test), the
+    per-epoch ``val_curve`` (mAP50-95) and ``best_epoch``; empty when the run folder or last.pt is gone
+    (a record kept from another checkout)."""
+    run_dir = Path(run_dir)
+    last = run_dir / "weights" / "last.pt"
+    if not (last.is_file() and (run_dir / "results.csv").is_file()):
+        return {}
+    rows = read_results_csv(run_dir)
+    curve = [row.get(VAL_MAP_COLUMN, math.nan) for row in rows]
+    curve50 = [row.get(VAL_MAP50_COLUMN, math.nan) for row in rows]
+    val = runner.validate(last, settings, "val", run_dir / LAST_FOLDER)
+    test = runner.validate(last, settings, "test", run_dir / LAST_FOLDER)
+    return {"last_val_map": val["map"], "last_test_map": test["map"], "last_test_map50": test["map50"],
+            "val_curve": [round(v, 5) for v in curve], "best_epoch": best_epoch(curve50, curve)}
 
 
 def earlier_runs(out: Path) -> list[dict]:
@@ -341,11 +376,22 @@ def summarize(runs: list[dict], teacher: dict) -> list[dict]:
         scratch_maps = [scratch[s]["test_map"] for s in sorted(seeds) if s in scratch]
         row["gap_closed"] = (gap_closed(mean_spread(row["test_map"])[0], mean_spread(scratch_maps)[0],
                                         teacher["test_map"]) if scratch_maps and method != SCRATCH else math.nan)
+        row["last_test_map"], row["last_paired_diff"] = _last_scores(group, seeds, scratch, method)
         scratch_rate = mean_spread([r["images_s"] for r in scratch.values()])[0] if scratch else math.nan
         row["time_vs_scratch"] = scratch_rate / row["images_s"] if row["images_s"] else math.nan
         rows.append(row)
     order = [SCRATCH, *METHODS]
     return sorted(rows, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+
+
+def _last_scores(group: list[dict], seeds: dict[int, dict], scratch: dict[int, dict],
+                 method: str) -> tuple[list[float], list[float]]:
+    """last.pt test mAP50-95 per seed and its paired differences to scratch, over the seeds where both
+    runs have a last.pt score (empty lists when no run has one)."""
+    scores = [r["last_test_map"] for r in group if "last_test_map" in r]
+    paired = [seeds[s]["last_test_map"] - scratch[s]["last_test_map"] for s in sorted(seeds)
+              if method != SCRATCH and s in scratch and "last_test_map" in seeds[s] and "last_test_map" in scratch[s]]
+    return scores, paired
 
 
 def _signed(values: list[float]) -> str:
@@ -382,11 +428,21 @@ def tables(summary: list[dict], runs: list[dict], teacher: dict, lead_ok: bool |
         cost_cells = [[m, fmt(v, 1), "-" if not base else f"{base / v:.2f}x"] for m, v in costs.items()]
         lines += ["", "Training cost, each method alone (images/s after a warm-up epoch):", "",
                   markdown_table(["method", "train images/s", "time vs scratch"], cost_cells)]
+    last_rows = [r for r in summary if r["last_test_map"]]
+    if last_rows:
+        last_cells = [[r["method"], len(r["last_test_map"]), fmt_spread(r["last_test_map"]), _signed(r["last_paired_diff"])]
+                      for r in last_rows]
+        lines += ["", "The final weights (last.pt: no choice on val), scored on test, where the run folders were "
+                      "there to score them:", "",
+                  markdown_table(["method", "seeds", "test mAP50-95 (last.pt)",
+                                  "vs scratch, points (per seed)"], last_cells)]
     per_run = [[r["method"], r["seed"], fmt(r["val_map"]), fmt(r["test_map50"]), fmt(r["test_map"]),
-                fmt(r["images_s"], 1), fmt(r["wall_s"], 0)] for r in sorted(runs, key=lambda r: (r["seed"], r["method"]))]
-    lines += ["", "Per run (best.pt chosen on val, scored on test):", "",
-              markdown_table(["method", "seed", "val mAP50-95", "test mAP50", "test mAP50-95", "train images/s",
-                              "wall time (s)"], per_run)]
+                "-" if r.get("best_epoch") is None else r["best_epoch"] + 1, fmt(r.get("last_val_map")),
+                fmt(r.get("last_test_map")), fmt(r["images_s"], 1), fmt(r["wall_s"], 0)]
+               for r in sorted(runs, key=lambda r: (r["seed"], r["method"]))]
+    lines += ["", "Per run (best.pt chosen on val, scored on test; its epoch, 1-based; last.pt on val and test):", "",
+              markdown_table(["method", "seed", "val mAP50-95", "test mAP50", "test mAP50-95", "best epoch",
+                              "last.pt val", "last.pt test", "train images/s", "wall time (s)"], per_run)]
     return "\n".join(lines)
 
 
@@ -463,6 +519,8 @@ def main(argv: list[str] | None = None) -> dict:
             if was:  # the same training under another method name (e.g. the recipe's weights became the default)
                 result = {**result, "method": method, "recorded_as": result.get("recorded_as", result["method"]),
                           **identity}
+            if "last_test_map" not in result and result.get("run_dir"):  # recorded before last.pt was scored
+                result = {**result, **final_weights(runner, settings, result["run_dir"])}
         else:
             result = student_run(runner, opt, settings, method, seed, hyps[method], chosen, identity)
         with lock:

@@ -107,6 +107,30 @@ def test_summary_pairs_seeds_and_claims_only_consistent_gains():
     assert math.isnan(distill_bccd.gap_closed(0.5, 0.4, 0.3))  # teacher behind: no gap to close
 
 
+def test_best_epoch_is_the_last_maximum_of_the_engine_fitness():
+    # fitness 0.1 mAP50 + 0.9 mAP50-95: epoch 1 wins on mAP50-95 alone, epoch 3 ties it and replaces it
+    assert distill_bccd.best_epoch([0.5, 0.5, 0.9, 0.5], [0.30, 0.40, 0.35, 0.40]) == 3
+    # mAP50 counts too: epoch 2 (0.1 + 0.324) beats epoch 1 (0.05 + 0.36) with a lower mAP50-95
+    assert distill_bccd.best_epoch([0.5, 0.5, 1.0], [0.30, 0.40, 0.36]) == 2
+
+
+def test_last_pt_scores_are_paired_only_where_both_runs_have_them():
+    def run(method, seed, test_map, last=None):
+        record = {"method": method, "seed": seed, "test_map50": test_map, "test_map": test_map, "val_map": test_map,
+                  "val_map50": test_map, "images_s": 100.0, "wall_s": 1.0, "test_per_class": {}}
+        return record if last is None else {**record, "last_test_map": last}
+
+    runs = [run("scratch", 0, 0.50, 0.48), run("scratch", 1, 0.50), run("default", 0, 0.52, 0.51),
+            run("default", 1, 0.52, 0.49)]
+    rows = {r["method"]: r for r in distill_bccd.summarize(runs, {"test_map": 0.6})}
+    assert rows["default"]["last_test_map"] == pytest.approx([0.51, 0.49])
+    assert rows["default"]["last_paired_diff"] == pytest.approx([0.03])  # seed 1's scratch has no last.pt score
+    assert rows["scratch"]["last_paired_diff"] == []
+    table = distill_bccd.tables(distill_bccd.summarize(runs, {"test_map": 0.6}), runs,
+                                {"label": "t", "val_map": 0.6, "test_map": 0.6, "test_map50": 0.9}, True, {})
+    assert "| default | 2 | 0.500 ± 0.014 | +3.0 (+3.0) |" in table
+
+
 def test_reuse_needs_the_same_command_and_hyp(tmp_path):
     runner = common.Runner(tmp_path, reuse=True)
     run_dir = tmp_path / "runs" / "r"
@@ -246,6 +270,19 @@ def test_distill_bccd_dry_run(tmp_path, capsys, monkeypatch):
     assert "random-teacher.pt" in runs["random-teacher"]["command"]
     assert set(result["costs"]) == {"scratch", "default"} and result["costs"]["default"] > 0
     assert (tmp_path / "results.md").read_text().startswith("## Distillation")
+    for record in runs.values():  # last.pt scored apart, with the val curve best.pt was picked from
+        assert 0 <= record["last_test_map"] <= 1 and len(record["val_curve"]) == 1 and record["best_epoch"] == 0
+        assert (Path(record["run_dir"]) / "last" / "val-test" / "metrics.json").is_file()
+    assert "test mAP50-95 (last.pt)" in out
+
+    # a record written before last.pt was scored gets its scores while its run folder is there
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for record in saved["runs"]:
+        for key in ("last_val_map", "last_test_map", "last_test_map50", "val_curve", "best_epoch"):
+            record.pop(key)
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    filled = distill_bccd.main([*args, "--reuse"])
+    assert {r["method"]: r["last_test_map"] for r in filled["runs"]} == {m: r["last_test_map"] for m, r in runs.items()}
 
     # a new checkout keeps the committed results JSON but not the run folders: --reuse keeps the
     # recorded student runs whose command, hyp bytes and teacher bytes are unchanged, and reruns the rest
