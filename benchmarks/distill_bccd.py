@@ -50,7 +50,8 @@ if __package__ in (None, ""):  # started as `python benchmarks/distill_bccd.py`:
 
 import yaml
 
-from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, display, fmt,
+from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, cpu_name,
+                               display, fmt,
                                fmt_spread, hyp_file, machine_info, markdown_table, mean_spread, model_cfg,
                                read_results_csv, report_header, resolve_data, results_path, train_rate,
                                training_parser, write_results)
@@ -289,7 +290,7 @@ def student_run(runner: Runner, opt: argparse.Namespace, settings: TrainSettings
     record = {"method": method, "seed": seed, "hyp": str(hyp), "val_map50": val["map50"], "val_map": val["map"],
               "test_map50": test["map50"], "test_map": test["map"], "test_per_class": _per_class(test),
               "images_s": train_rate(run["dir"]), "wall_s": run["wall_s"], "run_dir": run["dir"], **identity,
-              "command": run["command"]}
+              "command": run["command"], "cpu": cpu_name()}
     return {**record, **final_weights(runner, settings, run["dir"])}
 
 
@@ -319,15 +320,35 @@ def final_weights(runner: Runner, settings: TrainSettings, run_dir: str | Path) 
             "val_curve": [round(v, 5) for v in curve], "best_epoch": best_epoch(curve50, curve)}
 
 
+def trained_on(record: dict, payload: dict) -> str:
+    """The CPU a recorded run trained on: its own ``cpu``; for an older record, the machine of the
+    results JSON that first recorded it (``recorded_in``) or else of ``payload``, the JSON it is in.
+    The same command and seed give other weights on another CPU (other kernels, other rounding), so a
+    pair of runs from two machines is two samples, not a pair."""
+    import json
+
+    if record.get("cpu"):
+        return record["cpu"]
+    source = record.get("recorded_in")
+    if source:
+        try:
+            payload = json.loads(Path(source).read_text())
+        except (OSError, ValueError):
+            return "not recorded"
+    machine = payload.get("machine") if isinstance(payload, dict) else None
+    return (machine or {}).get("cpu") or "not recorded"
+
+
 def earlier_runs(out: Path) -> list[dict]:
     """The run records of the results JSON an earlier call wrote (none when it is absent or unreadable)."""
     import json
 
     try:
-        runs = json.loads(out.read_text()).get("runs", [])
+        payload = json.loads(out.read_text())
+        runs = payload.get("runs", [])
     except (OSError, ValueError, AttributeError):
         return []
-    return [r for r in runs if isinstance(r, dict)]
+    return [{**r, "cpu": trained_on(r, payload)} for r in runs if isinstance(r, dict)]
 
 
 def moved_runs(path: Path, work: Path) -> list[dict]:
@@ -342,7 +363,7 @@ def moved_runs(path: Path, work: Path) -> list[dict]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"--reuse-from {path}: not a results JSON of this benchmark ({exc})") from None
     here = display([str(Path(work).resolve())])
-    return [{**r, "command": r["command"].replace(other + "/", here + "/"),
+    return [{**r, "command": r["command"].replace(other + "/", here + "/"), "cpu": trained_on(r, payload),
              "recorded_in": r.get("recorded_in", str(path))} for r in runs]
 
 
@@ -436,13 +457,18 @@ def tables(summary: list[dict], runs: list[dict], teacher: dict, lead_ok: bool |
                       "there to score them:", "",
                   markdown_table(["method", "seeds", "test mAP50-95 (last.pt)",
                                   "vs scratch, points (per seed)"], last_cells)]
+    cpus = sorted({r.get("cpu") or "not recorded" for r in runs})
+    if len(cpus) > 1:
+        lines += ["", f"**These runs trained on {len(cpus)} CPUs ({'; '.join(cpus)}): the same command and seed give "
+                      "other weights on another CPU, so a pair across machines is two samples, not a pair.**"]
     per_run = [[r["method"], r["seed"], fmt(r["val_map"]), fmt(r["test_map50"]), fmt(r["test_map"]),
                 "-" if r.get("best_epoch") is None else r["best_epoch"] + 1, fmt(r.get("last_val_map")),
-                fmt(r.get("last_test_map")), fmt(r["images_s"], 1), fmt(r["wall_s"], 0)]
+                fmt(r.get("last_test_map")), fmt(r["images_s"], 1), fmt(r["wall_s"], 0),
+                r.get("cpu") or "not recorded"]
                for r in sorted(runs, key=lambda r: (r["seed"], r["method"]))]
     lines += ["", "Per run (best.pt chosen on val, scored on test; its epoch, 1-based; last.pt on val and test):", "",
               markdown_table(["method", "seed", "val mAP50-95", "test mAP50", "test mAP50-95", "best epoch",
-                              "last.pt val", "last.pt test", "train images/s", "wall time (s)"], per_run)]
+                              "last.pt val", "last.pt test", "train images/s", "wall time (s)", "CPU"], per_run)]
     return "\n".join(lines)
 
 

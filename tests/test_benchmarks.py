@@ -131,6 +131,33 @@ def test_last_pt_scores_are_paired_only_where_both_runs_have_them():
     assert "| default | 2 | 0.500 ± 0.014 | +3.0 (+3.0) |" in table
 
 
+def test_a_kept_run_names_the_cpu_it_trained_on(tmp_path):
+    """The same seed and command on another CPU is another sample: the report must say when it mixes them."""
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps({"machine": {"cpu": "AMD EPYC"}, "settings": {"work": str(tmp_path / "a")},
+                                 "runs": [{"method": "scratch", "seed": 0, "command": "python train.py"}]}))
+    second = tmp_path / "second.json"  # kept the first call's run, trained one of its own on another CPU
+    second.write_text(json.dumps({"machine": {"cpu": "Intel Xeon"}, "settings": {"work": str(tmp_path / "b")},
+                                  "runs": [{"method": "scratch", "seed": 0, "command": "python train.py",
+                                            "recorded_in": str(first)},
+                                           {"method": "default", "seed": 0, "command": "python train_distill.py"},
+                                           {"method": "no-pkd", "seed": 0, "command": "python train_distill.py",
+                                            "cpu": "Arm"}]}))
+    moved = distill_bccd.moved_runs(second, tmp_path / "c")
+    assert [r["cpu"] for r in moved] == ["AMD EPYC", "Intel Xeon", "Arm"]
+    assert [r["cpu"] for r in distill_bccd.earlier_runs(second)] == ["AMD EPYC", "Intel Xeon", "Arm"]
+
+    def run(method, cpu):
+        return {"method": method, "seed": 0, "test_map50": 0.8, "test_map": 0.5, "val_map": 0.5, "val_map50": 0.8,
+                "images_s": 10.0, "wall_s": 1.0, "test_per_class": {}, "cpu": cpu}
+
+    teacher = {"label": "t", "val_map": 0.6, "test_map": 0.6, "test_map50": 0.9}
+    mixed = [run("scratch", "AMD EPYC"), run("default", "Intel Xeon")]
+    assert "trained on 2 CPUs" in distill_bccd.tables(distill_bccd.summarize(mixed, teacher), mixed, teacher, True, {})
+    alike = [run("scratch", "Intel Xeon"), run("default", "Intel Xeon")]
+    assert "CPUs" not in distill_bccd.tables(distill_bccd.summarize(alike, teacher), alike, teacher, True, {})
+
+
 def test_reuse_needs_the_same_command_and_hyp(tmp_path):
     runner = common.Runner(tmp_path, reuse=True)
     run_dir = tmp_path / "runs" / "r"
