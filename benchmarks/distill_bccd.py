@@ -18,7 +18,8 @@
 3. best.pt is chosen on val (every epoch) and scored on test. Reported per seed and as mean +- std:
    test and val mAP50-95 / mAP50, the paired difference to scratch (same seed), the gap closed
    (distilled - scratch) / (teacher - scratch), per-class test AP, training images/s against
-   scratch. A gain is claimed only if it is positive on every seed and its mean exceeds twice its std.
+   scratch. A gain is claimed only if it is positive on every seed (at least 3) and its mean exceeds
+   twice its std.
    Beside it, each run's final weights (last.pt, the weight average after the last epoch) are scored
    on val and test, and its val curve and best epoch are kept: best.pt is the maximum of a noisy val
    curve over every epoch, so a run whose curve jumps more gets a higher val and a luckier or unluckier
@@ -88,6 +89,7 @@ CONTROLS = ("kd-off", RANDOM_TEACHER)  # sanity checks: run on the first seed on
 MIN_LEAD = 0.03  # the teacher must beat the scratch student by this much val mAP50-95
 UNTRAINED_DATE = "1970-01-01T00:00:00+00:00"  # the random teacher's checkpoint date: no clock in its bytes
 CLAIM_SIGMAS = 2.0  # a gain is claimed when positive on every seed and mean > 2 std
+CLAIM_SEEDS = 3  # ... over at least this many seeds (two agree by chance too often)
 LAST_FOLDER = "last"  # <run>/last/val-<task>: the scores of the run's last.pt
 VAL_MAP_COLUMN = "metrics/mAP_0.5:0.95"  # results.csv column of the per-epoch val mAP50-95
 VAL_MAP50_COLUMN = "metrics/mAP_0.5"
@@ -393,7 +395,7 @@ def summarize(runs: list[dict], teacher: dict) -> list[dict]:
         paired = [seeds[s]["test_map"] - scratch[s]["test_map"] for s in sorted(seeds) if s in scratch]
         row["paired_diff"] = paired if method != SCRATCH else []
         mean, std = mean_spread(paired) if row["paired_diff"] else (math.nan, math.nan)
-        row["claimed"] = bool(len(paired) >= 2 and all(d > 0 for d in paired) and mean > CLAIM_SIGMAS * std)
+        row["claimed"] = bool(len(paired) >= CLAIM_SEEDS and all(d > 0 for d in paired) and mean > CLAIM_SIGMAS * std)
         scratch_maps = [scratch[s]["test_map"] for s in sorted(seeds) if s in scratch]
         row["gap_closed"] = (gap_closed(mean_spread(row["test_map"])[0], mean_spread(scratch_maps)[0],
                                         teacher["test_map"]) if scratch_maps and method != SCRATCH else math.nan)

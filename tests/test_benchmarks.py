@@ -105,6 +105,8 @@ def test_summary_pairs_seeds_and_claims_only_consistent_gains():
     assert rows["default"]["claimed"] and not rows["classic"]["claimed"]  # classic loses on seed 1
     assert math.isnan(rows["scratch"]["gap_closed"]) and not rows["scratch"]["claimed"]
     assert math.isnan(distill_bccd.gap_closed(0.5, 0.4, 0.3))  # teacher behind: no gap to close
+    two_seeds = [r for r in runs if r["seed"] < 2]  # +5 and +5 points: consistent, but two seeds claim nothing
+    assert not {r["method"]: r for r in distill_bccd.summarize(two_seeds, {"test_map": 0.51})}["default"]["claimed"]
 
 
 def test_best_epoch_is_the_last_maximum_of_the_engine_fitness():
