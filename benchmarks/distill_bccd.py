@@ -392,14 +392,15 @@ def summarize(runs: list[dict], teacher: dict) -> list[dict]:
         classes = sorted({name for r in group for name in r.get("test_per_class", {})})
         row["test_per_class"] = {c: mean_spread([r["test_per_class"].get(c, math.nan) for r in group])[0]
                                  for c in classes}
-        paired = [seeds[s]["test_map"] - scratch[s]["test_map"] for s in sorted(seeds) if s in scratch]
+        paired = _paired(seeds, scratch, "test_map")
         row["paired_diff"] = paired if method != SCRATCH else []
         mean, std = mean_spread(paired) if row["paired_diff"] else (math.nan, math.nan)
         row["claimed"] = bool(len(paired) >= CLAIM_SEEDS and all(d > 0 for d in paired) and mean > CLAIM_SIGMAS * std)
         scratch_maps = [scratch[s]["test_map"] for s in sorted(seeds) if s in scratch]
         row["gap_closed"] = (gap_closed(mean_spread(row["test_map"])[0], mean_spread(scratch_maps)[0],
                                         teacher["test_map"]) if scratch_maps and method != SCRATCH else math.nan)
-        row["last_test_map"], row["last_paired_diff"] = _last_scores(group, seeds, scratch, method)
+        row["last_test_map"] = [r["last_test_map"] for r in group if "last_test_map" in r]
+        row["last_paired_diff"] = _paired(seeds, scratch, "last_test_map") if method != SCRATCH else []
         scratch_rate = mean_spread([r["images_s"] for r in scratch.values()])[0] if scratch else math.nan
         row["time_vs_scratch"] = scratch_rate / row["images_s"] if row["images_s"] else math.nan
         rows.append(row)
@@ -407,14 +408,10 @@ def summarize(runs: list[dict], teacher: dict) -> list[dict]:
     return sorted(rows, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
 
 
-def _last_scores(group: list[dict], seeds: dict[int, dict], scratch: dict[int, dict],
-                 method: str) -> tuple[list[float], list[float]]:
-    """last.pt test mAP50-95 per seed and its paired differences to scratch, over the seeds where both
-    runs have a last.pt score (empty lists when no run has one)."""
-    scores = [r["last_test_map"] for r in group if "last_test_map" in r]
-    paired = [seeds[s]["last_test_map"] - scratch[s]["last_test_map"] for s in sorted(seeds)
-              if method != SCRATCH and s in scratch and "last_test_map" in seeds[s] and "last_test_map" in scratch[s]]
-    return scores, paired
+def _paired(seeds: dict[int, dict], scratch: dict[int, dict], key: str) -> list[float]:
+    """``key`` of each seed's run minus scratch's, over the seeds where both runs have it."""
+    return [seeds[s][key] - scratch[s][key] for s in sorted(seeds) if s in scratch and key in seeds[s]
+            and key in scratch[s]]
 
 
 def _signed(values: list[float]) -> str:
