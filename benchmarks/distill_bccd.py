@@ -8,7 +8,8 @@
    - ``default``: the recipe ``--recipe`` (hyp/hyp.distill.yaml);
    - ``classic``: hyp/hyp.distill-classic.yaml, as published;
    - ablations of the default: ``crosskd`` (class/box KD through the teacher's final convs),
-     ``no-pkd`` (feature KD off), ``kd-constant`` (KD also in the close-mosaic epochs), ``kd-half``,
+     ``pkd`` (+ Pearson feature KD on the neck outputs, weight 4; the default until 2026-12-05),
+     ``teacher-fp32`` (the teacher in fp32 where ``auto`` picks bf16), ``kd-constant`` (KD also in the close-mosaic epochs), ``kd-half``,
      ``kd-x2`` and ``kd-x4`` (every KD weight halved / doubled / quadrupled), ``ld-t1``
      (LD at temperature 1 instead of 10: sharper box distributions), ``lad`` (the default plus label
      assignment distillation: the detection loss's targets from the teacher's predictions);
@@ -74,7 +75,8 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     DEFAULT: (None, {}),
     "classic": ("hyp.distill-classic.yaml", {}),
     "crosskd": (None, {"distill_crosskd": True}),
-    "no-pkd": (None, {"distill_feat": 0.0}),
+    "pkd": (None, {"distill_feat": 4.0}),  # + PKD on the P3-P5 neck outputs
+    "teacher-fp32": (None, {"distill_teacher_dtype": "fp32"}),
     "kd-constant": (None, {"distill_stop_epoch": -1}),  # KD also after mosaic closes
     "kd-half": (None, {KD_SCALE: 0.5}),  # every KD weight of the recipe halved
     "kd-x2": (None, {KD_SCALE: 2.0}),  # every KD weight of the recipe doubled

@@ -6,11 +6,14 @@ maps feature KD reads, round-robin so that a change in machine load hits every f
 
 - ``as trained``: the checkpoint as ``load_model`` returns it (Conv + BN, RepConvN branches), NCHW;
 - ``folded``: ``model.fuse()`` (the same function, fewer operations);
-- ``folded, channels-last``: what ``load_teacher`` gives on the CPU (what train_distill.py runs);
-- ``folded, channels-last, bf16``: for reference only, the teacher in bfloat16 (not used: it changes
-  the teacher's outputs; the largest logit difference is reported).
+- ``folded, channels-last``: what ``load_teacher`` gives on the CPU (``distill_teacher_dtype: fp32``);
+- ``folded, channels-last, bf16``: the same in bfloat16 (``distill_teacher_dtype: bf16``, what ``auto``
+  picks on a CPU with bf16 hardware). It changes the teacher's outputs a little: the largest logit
+  difference is reported, and with ``--data`` each form's val and test mAP50-95 (what a student is
+  taught from).
 
-    python -m benchmarks.teacher_speed --teacher weights/gelan-s-bccd256-e160.pt --img 256 --batch 16 --threads 1
+    python -m benchmarks.teacher_speed --teacher weights/gelan-s-bccd256-e160.pt --img 256 --batch 16 \
+        --threads 1 --data data/bccd.yaml
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from utils.log import LOGGER, setup_logging
 from utils.train_setup import load_teacher
 
 MS = 1e3
+FP32 = "folded, channels-last (train_distill.py, fp32)"
+BF16 = "folded, channels-last, bf16 (train_distill.py, bf16)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--threads", type=int, default=1, help="CPU threads (the distillation benchmark gives each run one)")
     add("--warmup", type=int, default=2, help="untimed passes per form")
     add("--runs", type=int, default=10, help="timed passes per form")
+    add("--data", default="", help="also score each form's val and test mAP50-95 on this data yaml")
     add("--out", default="benchmarks/results/teacher_speed.json", help="results JSON (a .md is written beside it)")
     return parser.parse_args(argv)
 
@@ -54,14 +60,14 @@ def teacher_forms(path: str) -> dict[str, tuple[torch.nn.Module, torch.dtype, to
     trained = load_model(path).float().eval().requires_grad_(False)
     names = list(trained.names.values()) if isinstance(trained.names, dict) else list(trained.names)
     cpu = torch.device("cpu")
-    runs = load_teacher(path, names, cpu, half=False)
+    runs = load_teacher(path, names, cpu)
     folded = copy.deepcopy(trained).fuse()
-    bf16 = copy.deepcopy(runs).to(torch.bfloat16)
+    bf16 = load_teacher(path, names, cpu, torch.bfloat16)
     last = torch.channels_last
     return {"as trained": (trained, torch.float32, torch.contiguous_format),
             "folded": (folded, torch.float32, torch.contiguous_format),
-            "folded, channels-last (train_distill.py)": (runs, torch.float32, last),
-            "folded, channels-last, bf16 (reference, not used)": (bf16, torch.bfloat16, last)}
+            FP32: (runs, torch.float32, last),
+            BF16: (bf16, torch.bfloat16, last)}
 
 
 def forward(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
@@ -91,17 +97,37 @@ def measure(opt: argparse.Namespace) -> dict:
             forward(model, inputs[name])
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["as trained"])
-    return {name: {"median_ms": statistics.median(t) * MS, "vs_trained": statistics.median(t) / base,
-                   "max_logit_diff": diffs[name]} for name, t in times.items()}
+    results = {name: {"median_ms": statistics.median(t) * MS, "vs_trained": statistics.median(t) / base,
+                      "max_logit_diff": diffs[name]} for name, t in times.items()}
+    if opt.data:
+        for name in (FP32, BF16):
+            results[name].update(score(forms[name][0], opt.data, opt.img))
+    return results
+
+
+def score(model: torch.nn.Module, data_yaml: str, img: int) -> dict[str, float]:
+    """``{'val_map': .., 'test_map': ..}``: mAP50-95 of ``model`` (in its own dtype) on the data's splits."""
+    from utils.data_config import load_data_config
+    from utils.datasets import create_dataloader
+    from utils.evaluate import evaluate
+
+    data = load_data_config(data_yaml)
+    out = {}
+    for split in ("val", "test"):
+        if data.get(split):
+            loader, _ = create_dataloader(data[split], img, 16, 32, rect=True, workers=0, nc=len(data["names"]))
+            out[f"{split}_map"] = evaluate(model, loader, data["names"], progress=False)["map"]
+    return out
 
 
 def report(opt: argparse.Namespace, results: dict, info: dict, command: str) -> str:
-    rows = [[name, fmt(r["median_ms"], 0), f"{r['vs_trained']:.2f}x", f"{r['max_logit_diff']:.1e}"]
-            for name, r in results.items()]
+    rows = [[name, fmt(r["median_ms"], 0), f"{r['vs_trained']:.2f}x", f"{r['max_logit_diff']:.1e}",
+             fmt(r.get("val_map"), 4), fmt(r.get("test_map"), 4)] for name, r in results.items()]
     text = report_header(f"Teacher forward pass per training batch ({Path(opt.teacher).name}, batch {opt.batch}, "
                          f"{opt.img} px, {opt.threads} thread(s))", info, command, dry_run=False)
-    return text + "\n" + markdown_table(["form", "median ms per batch", "vs as trained", "largest logit difference"],
-                                        rows) + "\n"
+    head = ["form", "median ms per batch", "vs as trained", "largest logit difference", "val mAP50-95",
+            "test mAP50-95"]
+    return text + "\n" + markdown_table(head, rows) + "\n"
 
 
 @cli_main

@@ -77,7 +77,8 @@ def test_method_hyps_apply_the_ablation_and_the_common_changes(tmp_path):
     assert all(h["ema_epochs"] == 3 and h["lr0"] == 0.02 for h in hyps.values())
     assert "distill_cls" not in hyps["scratch"]
     assert hyps["default"] == {**base, "ema_epochs": 3, "lr0": 0.02}
-    assert hyps["crosskd"]["distill_crosskd"] is True and hyps["no-pkd"]["distill_feat"] == 0
+    assert hyps["crosskd"]["distill_crosskd"] is True and hyps["pkd"]["distill_feat"] == 4.0
+    assert base["distill_feat"] == 0 and hyps["teacher-fp32"]["distill_teacher_dtype"] == "fp32"
     assert hyps["default"]["distill_stop_epoch"] == "close_mosaic" and hyps["kd-constant"]["distill_stop_epoch"] == -1
     assert [hyps["kd-x2"][k] for k in distill_bccd.KD_WEIGHTS] == [2 * base[k] for k in distill_bccd.KD_WEIGHTS]
     assert hyps["kd-x2"]["distill_stop_epoch"] == base["distill_stop_epoch"]
@@ -373,5 +374,5 @@ def test_teacher_speed_times_every_form_and_the_folded_teacher_computes_the_same
     results = json.loads(out.read_text())["results"]
     assert len(results) == 4 and results["as trained"]["vs_trained"] == 1.0
     assert all(r["median_ms"] > 0 for r in results.values())
-    assert results["folded"]["max_logit_diff"] < 1e-3 < results["folded, channels-last, bf16 (reference, not used)"]["max_logit_diff"]
-    assert "| folded, channels-last (train_distill.py) |" in out.with_suffix(".md").read_text()
+    assert results["folded"]["max_logit_diff"] < 1e-3 < results[teacher_speed.BF16]["max_logit_diff"]
+    assert f"| {teacher_speed.FP32} |" in out.with_suffix(".md").read_text()

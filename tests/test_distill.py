@@ -24,6 +24,7 @@ HYP_CLASSIC = ROOT / "hyp" / "hyp.distill-classic.yaml"
 GELAN_T = ROOT / "models" / "detect" / "gelan-t.yaml"
 STUDENT_YAML = ROOT / "models" / "detect" / "yolov9-tiny.yaml"
 NC, IMG, BATCH, REG = 3, 64, 2, 16
+PKD = {"distill_feat": 4.0}  # the default recipe has feature KD off; tests of all three terms turn PKD on
 ATOL = 1e-6
 
 
@@ -157,7 +158,8 @@ def test_stop_at_close_mosaic_resolves_to_the_closing_epoch():
 
 def test_recipes_parse_and_the_classic_one_is_kept_as_published():
     default = DistillConfig.from_hyp(load_hyp())
-    assert default.det_weight == 1.0 and default.cls > 0 and default.box > 0 and default.feat > 0
+    assert default.det_weight == 1.0 and default.cls > 0 and default.box > 0 and default.feat == 0
+    assert default.feat_type == "pkd" and default.teacher_dtype == "auto"
     classic = DistillConfig.from_hyp(load_hyp(HYP_CLASSIC))
     # 0.65 * detection + 0.35 * (0.6 softmax-KL T=4 + 0.4 MSE)
     assert classic.det_weight == 0.65 and classic.cls_type == "softmax" and classic.temperature == 4.0
@@ -238,7 +240,7 @@ def test_kd_is_zero_when_student_equals_teacher(gelan_pair, overrides):
 def test_detection_keeps_weight_one_and_kd_is_added(gelan_pair):
     student, teacher = gelan_pair
     student.train()
-    hyp = load_hyp()
+    hyp = load_hyp(**PKD)
     loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher.eval(), hyp)
     loss, items = _run(loss_fn, student, teacher, torch.rand(BATCH, 3, IMG, IMG))
     assert all(items[k] > 0 for k in ("distill/cls", "distill/box", "distill/feat"))
@@ -293,7 +295,7 @@ def test_normalisers_match_the_detection_loss(gelan_pair):
 def test_gradients_reach_student_and_connectors_teacher_stays_fixed(gelan_pair):
     student, teacher = copy.deepcopy(gelan_pair[0]).train(), copy.deepcopy(gelan_pair[1]).eval()
     teacher.requires_grad_(False)
-    hyp = load_hyp(distill_teacher_layers=[14, 17, 20], distill_feat_type="mgd")  # other widths: connectors
+    hyp = load_hyp(distill_teacher_layers=[14, 17, 20], distill_feat_type="mgd", **PKD)  # other widths: connectors
     loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
     trainable = list(loss_fn.trainable_modules().parameters())
     assert trainable and all(a.teacher_channels != a.student_channels for a in loss_fn.modules_.adapters)
@@ -427,7 +429,7 @@ def test_teacher_img_is_refused_for_logit_kd_and_allowed_for_features(gelan_pair
     hyp = load_hyp()
     with pytest.raises(UserError, match="--teacher-img 96"):
         DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp, img=64, teacher_img=96)
-    features_only = load_hyp(distill_cls=0.0, distill_box=0.0)
+    features_only = load_hyp(distill_cls=0.0, distill_box=0.0, **PKD)
     loss_fn = DistillationLoss(_detection_loss(student, features_only), student, teacher, features_only,
                                img=64, teacher_img=96)
     out = DistillStudent(student.train(), loss_fn.modules_, loss_fn.student_layers)(torch.rand(BATCH, 3, IMG, IMG))
@@ -441,7 +443,7 @@ def test_a_student_of_another_family_fits_a_gelan_teacher(gelan_pair):
     from models.yolo import DetectionModel
 
     student = DetectionModel(STUDENT_YAML, nc=NC)
-    hyp = load_hyp(distill_crosskd=True)
+    hyp = load_hyp(distill_crosskd=True, **PKD)
     loss_fn = DistillationLoss(_detection_loss(student, hyp), student, gelan_pair[1], hyp)
     loss, items = _run(loss_fn, student.train(), gelan_pair[1].eval(), torch.rand(BATCH, 3, IMG, IMG))
     assert torch.isfinite(loss) and all(items[k] > 0 for k in ("distill/cls", "distill/box", "distill/feat"))

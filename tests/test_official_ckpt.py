@@ -519,7 +519,7 @@ def test_dual_teacher_distils_through_its_main_branch(files):
     from utils.train_setup import load_teacher
 
     official = files.get("yolov9-s", "stripped")
-    teacher = load_teacher(str(official.path), NAMES, torch.device("cpu"), half=False)
+    teacher = load_teacher(str(official.path), NAMES, torch.device("cpu"))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     x = torch.rand(1, 3, IMG, IMG)
     with torch.no_grad():

@@ -44,7 +44,7 @@ def test_teacher_is_folded_and_computes_what_the_trained_model_computes():
     path = ROOT / "weights" / "gelan-s-bccd256-e160.pt"
     reference = load_model(path).float().eval()
     assert reference.model[-1].training is False and any(isinstance(m, RepConvN) for m in reference.modules())
-    teacher = load_teacher(str(path), ["RBC", "WBC", "Platelets"], torch.device("cpu"), half=False)
+    teacher = load_teacher(str(path), ["RBC", "WBC", "Platelets"], torch.device("cpu"))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert teacher.is_fused and all(m.conv1 is None for m in teacher.modules() if isinstance(m, RepConvN))
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in teacher.modules()

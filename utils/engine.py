@@ -22,7 +22,7 @@ from utils.checkpoint import load_model, make_checkpoint, save_checkpoint, strip
 from utils.data_config import load_data_config
 from utils.datasets import close_mosaic, create_dataloader
 from utils.device import dist_info, rng_state, seed_everything, select_device, set_rng_state
-from utils.distill import DistillStudent
+from utils.distill import DistillConfig, DistillStudent
 from utils.ema import ModelEMA, ema_settings, unwrap
 from utils.errors import UserError
 from utils.evaluate import evaluate
@@ -34,7 +34,8 @@ from utils.optim import (accumulate_steps, apply_warmup, build_optimizer, lr_lam
 from utils.paths import increment_path
 from utils.run_logger import RunLogger
 from utils.train_setup import (build_model, file_sha256, find_resume_checkpoint, freeze_layers, load_hyp,
-                               load_teacher, resolve_amp, resume_options, teacher_memory_format)
+                               load_teacher, resolve_amp, resolve_teacher_dtype, resume_options,
+                               teacher_memory_format)
 
 GRAD_CLIP_NORM = 10.0
 LOG_INTERVAL = 10  # steps between progress-bar refreshes (each one reads losses back from the device)
@@ -103,8 +104,9 @@ class Trainer:
 
         self.teacher = None
         if self.is_distill:
-            self.teacher = load_teacher(opt.teacher, self.data["names"], self.device,
-                                        half=self.device.type == "cuda")
+            teacher_dtype = resolve_teacher_dtype(DistillConfig.from_hyp(self.hyp).teacher_dtype, self.device)
+            self.teacher = load_teacher(opt.teacher, self.data["names"], self.device, teacher_dtype)
+            LOGGER.info(f"teacher {opt.teacher} in {str(teacher_dtype).removeprefix('torch.')} on {self.device}")
             self.teacher_sha256 = file_sha256(opt.teacher)
         self._build_data()
         self._build_loss()

@@ -104,9 +104,10 @@ def build_model(opt: argparse.Namespace, nc: int, names: list[str]) -> Detection
     return model
 
 
-def load_teacher(path: str, names: list[str], device: torch.device, half: bool) -> nn.Module:
+def load_teacher(path: str, names: list[str], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> nn.Module:
     """The frozen teacher: eval mode, no gradients, Conv+BN and RepConvN branches folded (the same function,
-    fewer operations per batch), channels-last on the CPU, optionally fp16; its classes must match the data's."""
+    fewer operations per batch), channels-last on the CPU, in ``dtype``; its classes must match the data's."""
     if not Path(path).is_file():
         raise UserError(f"--teacher {path} does not exist")
     teacher = load_model(path)
@@ -116,7 +117,40 @@ def load_teacher(path: str, names: list[str], device: torch.device, half: bool) 
                         f"{len(names)} classes {list(names)}: train or pick a teacher on these classes")
     teacher.eval().fuse()  # frozen and in eval mode for the whole run: its BatchNorms are constants
     teacher.requires_grad_(False).to(device, memory_format=teacher_memory_format(device))
-    return teacher.half() if half else teacher
+    return teacher.to(dtype)
+
+
+TEACHER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU does bfloat16 arithmetic in hardware (the ``amx_bf16`` or ``avx512_bf16`` flag of
+    Linux's /proc/cpuinfo); elsewhere bf16 convolutions are emulated and slower than fp32."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool({"amx_bf16", "avx512_bf16"} & set(line.partition(":")[2].split()))
+    return False
+
+
+def resolve_teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The teacher's dtype for hyp ``distill_teacher_dtype`` on ``device``.
+
+    ``auto``: fp16 on CUDA; bf16 on a CPU with bf16 hardware (AMX / AVX512-BF16: the teacher's forward,
+    most of a CPU distillation step, takes about a quarter of the fp32 time there,
+    benchmarks/teacher_speed.py); fp32 elsewhere. Only the teacher changes: the student trains as before.
+    """
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("hyp key 'distill_teacher_dtype' is fp16 but the device is the CPU, where fp16 "
+                        "convolutions are slow: use bf16, fp32 or auto")
+    return TEACHER_DTYPES[name]
 
 
 def teacher_memory_format(device: torch.device) -> torch.memory_format:

@@ -20,6 +20,7 @@ from utils.errors import UserError
 SCHEDULES = ("constant", "linear", "cosine")
 CLS_TYPES = ("sigmoid", "softmax")
 FEATURE_TYPES = ("mse", "cwd", "mgd", "pkd", "at")
+TEACHER_DTYPES = ("auto", "fp32", "fp16", "bf16")  # utils.train_setup.resolve_teacher_dtype
 ASSIGNERS = ("student", "teacher")  # whose predictions the task-aligned assigner ranks anchors by
 NEVER = -1  # distill_stop_epoch value that keeps distilling to the end
 STOP_AT_CLOSE_MOSAIC = "close_mosaic"  # distill_stop_epoch value: stop when mosaic closes
@@ -69,6 +70,7 @@ class DistillConfig:
     student_layers: tuple[int, ...] | None = None
     teacher_layers: tuple[int, ...] | None = None
     freeze_backbone_epochs: int = 0
+    teacher_dtype: str = "auto"
 
     @classmethod
     def from_hyp(cls, hyp: dict) -> "DistillConfig":
@@ -140,6 +142,7 @@ class DistillConfig:
         choice("feat_type", FEATURE_TYPES)
         choice("schedule", SCHEDULES)
         choice("assign", ASSIGNERS)
+        choice("teacher_dtype", TEACHER_DTYPES)
         for name in ("box_teacher_score", "crosskd"):
             flag(name)
         stop = self.stop_epoch
