@@ -76,6 +76,7 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "classic": ("hyp.distill-classic.yaml", {}),
     "crosskd": (None, {"distill_crosskd": True}),
     "pkd": (None, {"distill_feat": 4.0}),  # + PKD on the P3-P5 neck outputs
+    "no-pkd": (None, {"distill_feat": 0.0}),  # what the default is since 2026-12-05; kept for the older commands
     "teacher-fp32": (None, {"distill_teacher_dtype": "fp32"}),
     "kd-constant": (None, {"distill_stop_epoch": -1}),  # KD also after mosaic closes
     "kd-half": (None, {KD_SCALE: 0.5}),  # every KD weight of the recipe halved

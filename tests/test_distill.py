@@ -175,7 +175,7 @@ def test_recipes_parse_and_the_classic_one_is_kept_as_published():
     ("distill_alpha", 0.5, "no longer used"), ("distill_temperature_end", 1.0, "no longer used"),
     ("distill_cls_type", "focal", "must be one of"), ("distill_box", -1.0, "must be a number"),
     ("distill_stop_epoch", "soon", "close_mosaic"), ("distill_crosskd", "yes", "true or false"),
-    ("distill_assign", "ground_truth", "must be one of")])
+    ("distill_assign", "ground_truth", "must be one of"), ("distill_teacher_dtype", "int8", "must be one of")])
 def test_bad_settings_raise_user_error(key, value, word):
     with pytest.raises(UserError, match=word):
         DistillConfig.from_hyp(load_hyp(**{key: value}))
@@ -471,3 +471,72 @@ def test_on_epoch_start_freezes_backbone_for_the_first_epochs(gelan_pair):
         loss_fn.on_epoch_start(student, epoch, 10)
         assert first_weight.requires_grad is expected and neck_weight.requires_grad
     assert math.isfinite(float(loss_fn.weight(0, 10)))
+
+
+# ------------------------------------------------------------------------------ teacher precision
+# /proc/cpuinfo as Linux writes it (one block per logical CPU; flags lists trimmed, order kept).
+CPUINFO_SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu vme de pse tsc msr pae mce avx2 avx512f avx512dq avx512bw avx512vl avx512_bf16 \
+avx512_fp16 amx_bf16 amx_tile amx_int8 arch_capabilities
+bogomips\t: 5399.99
+
+"""
+CPUINFO_EPYC_MILAN = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7763 64-Core Processor
+flags\t\t: fpu vme de pse tsc msr pae mce avx2 sha_ni clzero xsaveerptr rdpru wbnoinvd arat npt vaes \
+vpclmulqdq rdpid fsrm
+bogomips\t: 4890.85
+
+"""
+CPUINFO_ARM = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid bf16 i8mm
+CPU implementer\t: 0x41
+
+"""
+
+
+@pytest.mark.parametrize("text, native", [(CPUINFO_SAPPHIRE_RAPIDS, True), (CPUINFO_EPYC_MILAN, False),
+                                          (CPUINFO_ARM, False)])
+def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, text, native):
+    from utils.train_setup import cpu_has_native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    assert cpu_has_native_bf16(cpuinfo) is native
+    assert cpu_has_native_bf16(tmp_path / "missing") is False  # not Linux: fp32, never an error
+
+
+def test_teacher_dtype_auto_and_explicit(monkeypatch):
+    from utils import train_setup
+    from utils.train_setup import resolve_teacher_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(train_setup, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_teacher_dtype("auto", cpu) == expected
+        assert resolve_teacher_dtype("auto", cuda) == torch.float16  # as before the key existed
+        assert resolve_teacher_dtype("fp32", cpu) == torch.float32 and resolve_teacher_dtype("bf16", cpu) == torch.bfloat16
+    assert resolve_teacher_dtype("fp16", cuda) == torch.float16
+    with pytest.raises(UserError, match="fp16"):
+        resolve_teacher_dtype("fp16", cpu)
+
+
+def test_loss_takes_a_bf16_teacher(gelan_pair):
+    """A bf16 teacher's maps and features are read in float32: the terms are close to the fp32 teacher's."""
+    student, teacher = copy.deepcopy(gelan_pair[0]).train(), copy.deepcopy(gelan_pair[1]).eval()
+    hyp = load_hyp(**PKD)
+    images = torch.rand(BATCH, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
+    _, items = _run(loss_fn, student, teacher, images)
+    teacher_bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
+    with torch.no_grad():
+        out_bf16, feats_bf16 = teacher_bf16(images.to(torch.bfloat16), feature_layers=loss_fn.teacher_layers)
+    out = DistillStudent(student, loss_fn.modules_, loss_fn.student_layers)(images)
+    _, items_bf16 = loss_fn(out.preds, out_bf16, _targets(), out.feats, feats_bf16)
+    for key in ("distill/cls", "distill/box", "distill/feat"):
+        assert items_bf16[key].dtype == torch.float32
+        assert torch.isclose(items_bf16[key], items[key], rtol=0.05), key
