@@ -9,7 +9,8 @@
    - ``classic``: hyp/hyp.distill-classic.yaml, as published;
    - ablations of the default: ``crosskd`` (class/box KD through the teacher's final convs),
      ``pkd`` (+ Pearson feature KD on the neck outputs, weight 4; the default until 2026-12-05),
-     ``teacher-fp32`` (the teacher in fp32 where ``auto`` picks bf16), ``kd-constant`` (KD also in the close-mosaic epochs), ``kd-half``,
+     ``teacher-fp32`` (the teacher in fp32 where ``auto`` picks bf16), ``kd-constant`` (KD also in
+     the close-mosaic epochs), ``kd-half``,
      ``kd-x2`` and ``kd-x4`` (every KD weight halved / doubled / quadrupled), ``ld-t1``
      (LD at temperature 1 instead of 10: sharper box distributions), ``lad`` (the default plus label
      assignment distillation: the detection loss's targets from the teacher's predictions);

@@ -370,9 +370,12 @@ def test_teacher_speed_times_every_form_and_the_folded_teacher_computes_the_same
 
     out = tmp_path / "speed.json"
     teacher_speed.main(["--teacher", str(ROOT / "weights" / "gelan-t-bccd256.pt"), "--img", "64", "--batch", "1",
-                        "--warmup", "1", "--runs", "1", "--out", str(out)])
+                        "--warmup", "1", "--runs", "1", "--data", str(ROOT / "data" / "bccd.yaml"), "--out", str(out)])
     results = json.loads(out.read_text())["results"]
     assert len(results) == 4 and results["as trained"]["vs_trained"] == 1.0
     assert all(r["median_ms"] > 0 for r in results.values())
     assert results["folded"]["max_logit_diff"] < 1e-3 < results[teacher_speed.BF16]["max_logit_diff"]
     assert f"| {teacher_speed.FP32} |" in out.with_suffix(".md").read_text()
+    fp32, bf16 = results[teacher_speed.FP32], results[teacher_speed.BF16]  # scored on BCCD val and test
+    assert 0 < fp32["val_map"] < 1 and 0 < fp32["test_map"] < 1 and "val_map" not in results["folded"]
+    assert abs(bf16["val_map"] - fp32["val_map"]) < 0.03 and abs(bf16["test_map"] - fp32["test_map"]) < 0.03
