@@ -12,6 +12,7 @@ from torch import nn
 
 from models.yolo import DetectionModel
 from utils.checkpoint import load_checkpoint, load_model
+from utils.distill.config import TEACHER_DTYPES
 from utils.errors import UserError
 from utils.log import LOGGER
 
@@ -120,9 +121,6 @@ def load_teacher(path: str, names: list[str], device: torch.device,
     return teacher.to(dtype)
 
 
-TEACHER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """Whether this CPU does bfloat16 arithmetic in hardware (the ``amx_bf16`` or ``avx512_bf16`` flag of
     Linux's /proc/cpuinfo); elsewhere bf16 convolutions are emulated and slower than fp32."""
@@ -140,7 +138,7 @@ def resolve_teacher_dtype(name: str, device: torch.device) -> torch.dtype:
     """The teacher's dtype for hyp ``distill_teacher_dtype`` on ``device``.
 
     ``auto``: fp16 on CUDA; bf16 on a CPU with bf16 hardware (AMX / AVX512-BF16: the teacher's forward,
-    most of a CPU distillation step, takes about a quarter of the fp32 time there,
+    most of a CPU distillation step, takes about a third of the fp32 time there,
     benchmarks/teacher_speed.py); fp32 elsewhere. Only the teacher changes: the student trains as before.
     """
     if name == "auto":
@@ -150,7 +148,7 @@ def resolve_teacher_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "fp16" and device.type == "cpu":
         raise UserError("hyp key 'distill_teacher_dtype' is fp16 but the device is the CPU, where fp16 "
                         "convolutions are slow: use bf16, fp32 or auto")
-    return TEACHER_DTYPES[name]
+    return getattr(torch, TEACHER_DTYPES[name])
 
 
 def teacher_memory_format(device: torch.device) -> torch.memory_format:
