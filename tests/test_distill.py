@@ -150,6 +150,16 @@ def test_weight_schedule(schedule, middle):
     assert distill_weight_at(7, 11, schedule, stop_epoch=7) == 0.0
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_warmup_ramps_the_weight_from_zero(schedule):
+    plain = [distill_weight_at(e, 40, schedule) for e in range(40)]
+    ramped = [distill_weight_at(e, 40, schedule, warmup=0.25) for e in range(40)]
+    assert ramped[0] == 0.0  # epoch 0: no KD, so the engine does not run the teacher
+    assert ramped[5] == pytest.approx(0.5 * plain[5]) and ramped[9] == pytest.approx(0.9 * plain[9])
+    assert ramped[10:] == pytest.approx(plain[10:])  # the ramp ends after a quarter of the epochs
+    assert distill_weight_at(35, 40, schedule, stop_epoch=30, warmup=0.25) == 0.0
+
+
 def test_stop_at_close_mosaic_resolves_to_the_closing_epoch():
     assert resolve_stop_epoch("close_mosaic", 40, close_mosaic=10) == 30
     assert resolve_stop_epoch("close_mosaic", 40, close_mosaic=0) == -1
@@ -175,7 +185,8 @@ def test_recipes_parse_and_the_classic_one_is_kept_as_published():
     ("distill_alpha", 0.5, "no longer used"), ("distill_temperature_end", 1.0, "no longer used"),
     ("distill_cls_type", "focal", "must be one of"), ("distill_box", -1.0, "must be a number"),
     ("distill_stop_epoch", "soon", "close_mosaic"), ("distill_crosskd", "yes", "true or false"),
-    ("distill_assign", "ground_truth", "must be one of"), ("distill_teacher_dtype", "int8", "must be one of")])
+    ("distill_assign", "ground_truth", "must be one of"), ("distill_teacher_dtype", "int8", "must be one of"),
+    ("distill_warmup_fraction", 1.5, "must be a number in")])
 def test_bad_settings_raise_user_error(key, value, word):
     with pytest.raises(UserError, match=word):
         DistillConfig.from_hyp(load_hyp(**{key: value}))
@@ -333,6 +344,13 @@ def test_crosskd_trains_the_student_through_the_teachers_final_convs(gelan_pair)
     assert hidden_conv.grad is not None and hidden_conv.grad.abs().sum() > 0
     assert final_conv.grad is None  # the student's own prediction layer is trained by detection only
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_the_recipe_warmup_reaches_the_loss_weight(gelan_pair):
+    student, teacher = gelan_pair
+    hyp = load_hyp(distill_warmup_fraction=0.25, distill_stop_epoch=-1)
+    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
+    assert [loss_fn.weight(e, 40) for e in (0, 5, 10, 39)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
 
 
 def test_with_all_kd_weights_zero_the_loss_is_detection(gelan_pair):

@@ -135,6 +135,17 @@ def test_distillation_logs_terms_and_resumes(tiny_data, tmp_path, monkeypatch):
     assert [int(r["epoch"]) for r in _rows(tmp_path / "cut")] == [0, 1]
 
 
+def test_kd_warmup_starts_the_teacher_after_the_first_epoch(tiny_data, tmp_path):
+    """distill_warmup_fraction: epoch 0 trains without KD (the teacher is not run), KD joins in epoch 1."""
+    train.main(_args(tiny_data, tmp_path, "teacher", epochs=1))
+    hyp = tmp_path / "warm.yaml"
+    hyp.write_text(f"base: {HYP_DISTILL}\ndistill_warmup_fraction: 0.75\ndistill_stop_epoch: -1\n")
+    train_distill.main(_args(tiny_data, tmp_path, "warm", epochs=2, extra=(
+        "--teacher", str(tmp_path / "teacher" / "weights" / "best.pt"), "--hyp", str(hyp))))
+    rows = _rows(tmp_path / "warm")
+    assert float(rows[0]["distill/total"]) == 0 and float(rows[1]["distill/total"]) > 0
+
+
 def test_distillation_with_all_kd_weights_zero_equals_scratch_training(tiny_data, tmp_path):
     """The control of the distillation benchmark, made exact: same seed, same data order, no KD."""
     train.main(_args(tiny_data, tmp_path, "teacher0", epochs=1))

@@ -67,6 +67,7 @@ class DistillConfig:
     det_weight: float = 1.0
     schedule: str = "constant"
     weight_end: float = 0.0
+    warmup_fraction: float = 0.0
     stop_epoch: int | str = NEVER
     student_layers: tuple[int, ...] | None = None
     teacher_layers: tuple[int, ...] | None = None
@@ -133,7 +134,7 @@ class DistillConfig:
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"hyp key '{hyp_key(name)}' must be true or false, got {getattr(self, name)!r}")
 
-        for name in ("mgd_ratio", "weight_end"):
+        for name in ("mgd_ratio", "weight_end", "warmup_fraction"):
             number(name, 0.0, 1.0)
         for name in ("cls", "box", "feat", "cls_beta", "mgd_alpha", "det_weight"):
             number(name, 0.0)

@@ -146,7 +146,8 @@ class DistillationLoss(nn.Module):
         if not config.active:
             return 0.0
         stop = resolve_stop_epoch(config.stop_epoch, epochs, self.close_mosaic)
-        return distill_weight_at(epoch, epochs, config.schedule, config.weight_end, stop)
+        return distill_weight_at(epoch, epochs, config.schedule, config.weight_end, stop,
+                                 config.warmup_fraction)
 
     def on_epoch_start(self, student_model: nn.Module, epoch: int, epochs: int) -> None:
         """Engine hook: train mode for the distillation modules, and the two-stage backbone freeze.

@@ -30,21 +30,24 @@ def resolve_stop_epoch(stop_epoch: int | str, epochs: int, close_mosaic: int = 0
 
 
 def distill_weight_at(epoch: float, epochs: int, schedule: str = "constant", end: float = 0.0,
-                      stop_epoch: int = NEVER) -> float:
+                      stop_epoch: int = NEVER, warmup: float = 0.0) -> float:
     """KD weight factor ``w(epoch)`` in [0, 1].
 
     ``constant``: 1; ``linear`` / ``cosine``: from 1 at the first epoch to ``end`` at the last.
+    ``warmup`` (a fraction of ``epochs``) multiplies that by a ramp from 0 at epoch 0 to 1 at
+    epoch ``warmup * epochs``, so the first epoch runs without the teacher.
     From ``stop_epoch`` on (when it is > 0) the factor is 0: the rest is plain detection training.
     """
     if 0 < stop_epoch <= epoch:
         return 0.0
+    ramp = min(epoch / (warmup * epochs), 1.0) if warmup > 0 else 1.0
     progress = training_progress(epoch, epochs)
     if schedule == "constant":
-        return 1.0
+        return ramp
     if schedule == "linear":
-        return 1.0 + (end - 1.0) * progress
+        return ramp * (1.0 + (end - 1.0) * progress)
     if schedule == "cosine":
-        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return ramp * (end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress)))
     raise ValueError(f"unknown distillation schedule {schedule!r}")
 
 
