@@ -11,7 +11,7 @@
      ``pkd`` (+ Pearson feature KD on the neck outputs, weight 4; the default until 2026-12-05),
      ``teacher-fp32`` (the teacher in fp32 where ``auto`` picks bf16), ``kd-constant`` (KD also in
      the close-mosaic epochs), ``kd-warmup`` (the KD weight ramps from 0 to 1 over the first
-     quarter of the epochs), ``kd-half``,
+     quarter of the epochs; ``kd-warmup-x2``: to twice the recipe's KD weights), ``kd-half``,
      ``kd-x2`` and ``kd-x4`` (every KD weight halved / doubled / quadrupled), ``ld-t1``
      (LD at temperature 1 instead of 10: sharper box distributions), ``lad`` (the default plus label
      assignment distillation: the detection loss's targets from the teacher's predictions);
@@ -82,6 +82,7 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "teacher-fp32": (None, {"distill_teacher_dtype": "fp32"}),
     "kd-constant": (None, {"distill_stop_epoch": -1}),  # KD also after mosaic closes
     "kd-warmup": (None, {"distill_warmup_fraction": 0.25}),  # KD weight ramps up over the first quarter
+    "kd-warmup-x2": (None, {"distill_warmup_fraction": 0.25, KD_SCALE: 2.0}),  # ... to twice the KD weights
     "kd-half": (None, {KD_SCALE: 0.5}),  # every KD weight of the recipe halved
     "kd-x2": (None, {KD_SCALE: 2.0}),  # every KD weight of the recipe doubled
     "kd-x4": (None, {KD_SCALE: 4.0}),

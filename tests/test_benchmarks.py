@@ -86,6 +86,7 @@ def test_method_hyps_apply_the_ablation_and_the_common_changes(tmp_path):
     assert hyps["classic"]["distill_det_weight"] == 0.65
     assert hyps["lad"] == {**hyps["default"], "distill_assign": "teacher"}
     assert hyps["kd-warmup"] == {**hyps["default"], "distill_warmup_fraction": 0.25}
+    assert hyps["kd-warmup-x2"] == {**hyps["kd-x2"], "distill_warmup_fraction": 0.25}
     with pytest.raises(common.UserError, match="--hyp-set"):
         distill_bccd.parse_hyp_set(["novalue"])
     with pytest.raises(common.UserError, match="unknown"):
