@@ -10,8 +10,9 @@
    - ablations of the default: ``crosskd`` (class/box KD through the teacher's final convs),
      ``pkd`` (+ Pearson feature KD on the neck outputs, weight 4; the default until 2026-12-05),
      ``teacher-fp32`` (the teacher in fp32 where ``auto`` picks bf16), ``kd-constant`` (KD also in
-     the close-mosaic epochs), ``kd-warmup`` (the KD weight ramps from 0 to 1 over the first
-     quarter of the epochs; ``kd-warmup-x2``: to twice the recipe's KD weights), ``kd-half``,
+     the close-mosaic epochs), ``no-warmup`` (full KD weight from the first epoch, no ramp over
+     the first quarter; ``kd-warmup`` is the default's ramp, the name it was measured under;
+     ``kd-warmup-x2``: the ramp to twice the recipe's KD weights), ``kd-half``,
      ``kd-x2`` and ``kd-x4`` (every KD weight halved / doubled / quadrupled), ``ld-t1``
      (LD at temperature 1 instead of 10: sharper box distributions), ``lad`` (the default plus label
      assignment distillation: the detection loss's targets from the teacher's predictions);
@@ -81,7 +82,8 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "no-pkd": (None, {"distill_feat": 0.0}),  # what the default is since 2026-12-05; kept for the older commands
     "teacher-fp32": (None, {"distill_teacher_dtype": "fp32"}),
     "kd-constant": (None, {"distill_stop_epoch": -1}),  # KD also after mosaic closes
-    "kd-warmup": (None, {"distill_warmup_fraction": 0.25}),  # KD weight ramps up over the first quarter
+    "kd-warmup": (None, {"distill_warmup_fraction": 0.25}),  # the default since 2026-12-05 (for older commands)
+    "no-warmup": (None, {"distill_warmup_fraction": 0.0}),  # full KD weight from the first epoch (the earlier default)
     "kd-warmup-x2": (None, {"distill_warmup_fraction": 0.25, KD_SCALE: 2.0}),  # ... to twice the KD weights
     "kd-half": (None, {KD_SCALE: 0.5}),  # every KD weight of the recipe halved
     "kd-x2": (None, {KD_SCALE: 2.0}),  # every KD weight of the recipe doubled

@@ -85,7 +85,8 @@ def test_method_hyps_apply_the_ablation_and_the_common_changes(tmp_path):
     assert [hyps["kd-off"][k] for k in ("distill_cls", "distill_box", "distill_feat")] == [0, 0, 0]
     assert hyps["classic"]["distill_det_weight"] == 0.65
     assert hyps["lad"] == {**hyps["default"], "distill_assign": "teacher"}
-    assert hyps["kd-warmup"] == {**hyps["default"], "distill_warmup_fraction": 0.25}
+    assert hyps["kd-warmup"] == hyps["default"] and base["distill_warmup_fraction"] == 0.25  # the measured name
+    assert hyps["no-warmup"] == {**hyps["default"], "distill_warmup_fraction": 0.0}
     assert hyps["kd-warmup-x2"] == {**hyps["kd-x2"], "distill_warmup_fraction": 0.25}
     with pytest.raises(common.UserError, match="--hyp-set"):
         distill_bccd.parse_hyp_set(["novalue"])

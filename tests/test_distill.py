@@ -29,8 +29,10 @@ ATOL = 1e-6
 
 
 def load_hyp(path: Path = HYP, **overrides) -> dict:
+    """A recipe's keys with the KD weight at full strength from epoch 0 (no warmup ramp): these tests
+    call the loss at epoch 0 and are about the terms; the ramp has tests of its own."""
     hyp = yaml.safe_load(path.read_text())
-    hyp.update(overrides)
+    hyp.update({"distill_warmup_fraction": 0.0, **overrides})
     return hyp
 
 
@@ -167,9 +169,9 @@ def test_stop_at_close_mosaic_resolves_to_the_closing_epoch():
 
 
 def test_recipes_parse_and_the_classic_one_is_kept_as_published():
-    default = DistillConfig.from_hyp(load_hyp())
+    default = DistillConfig.from_hyp(yaml.safe_load(HYP.read_text()))
     assert default.det_weight == 1.0 and default.cls > 0 and default.box > 0 and default.feat == 0
-    assert default.feat_type == "pkd" and default.teacher_dtype == "auto"
+    assert default.feat_type == "pkd" and default.teacher_dtype == "auto" and default.warmup_fraction == 0.25
     classic = DistillConfig.from_hyp(load_hyp(HYP_CLASSIC))
     # 0.65 * detection + 0.35 * (0.6 softmax-KL T=4 + 0.4 MSE)
     assert classic.det_weight == 0.65 and classic.cls_type == "softmax" and classic.temperature == 4.0

@@ -182,7 +182,8 @@ def test_two_process_ddp_distillation_with_freezing_and_stop(tiny_data, tmp_path
     trainable in epoch 1, KD (and its connectors) off from epoch 2."""
     train.main(_args(tiny_data, tmp_path, "ddp-teacher", epochs=1))
     hyp = tmp_path / "ddp-kd.yaml"
-    hyp.write_text(f"base: {HYP_DISTILL}\nfreeze_backbone_epochs: 1\ndistill_stop_epoch: 2\ndistill_feat: 4.0\n")
+    hyp.write_text(f"base: {HYP_DISTILL}\nfreeze_backbone_epochs: 1\ndistill_stop_epoch: 2\ndistill_feat: 4.0\n"
+                   "distill_warmup_fraction: 0.0\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     common = _args(tiny_data, tmp_path, "ddp-kd", epochs=3, extra=(
         "--teacher", str(tmp_path / "ddp-teacher" / "weights" / "best.pt"), "--hyp", str(hyp)))
