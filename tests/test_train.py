@@ -59,6 +59,13 @@ def test_train_writes_run_folder(tiny_data, tmp_path):
     assert model.nc == 7 and len(model.names) == 7
 
 
+def test_a_new_run_in_an_existing_folder_starts_its_results_anew(tiny_data, tmp_path):
+    """--exist-ok reuses the folder (the demo does): the second run's results.csv has its own epochs only."""
+    train.main(_args(tiny_data, tmp_path, "again", epochs=2, extra=("--exist-ok",)))
+    train.main(_args(tiny_data, tmp_path, "again", epochs=1, extra=("--exist-ok",)))
+    assert [int(r["epoch"]) for r in _rows(tmp_path / "again")] == [0]
+
+
 def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     Trainer(build_parser().parse_args(_args(tiny_data, tmp_path, "full", epochs=3))).train()
 

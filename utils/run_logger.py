@@ -13,12 +13,16 @@ class RunLogger:
 
     The column set is fixed by the first row written (or read back from an existing file when a
     run resumes); a later row with new keys is an error in the caller, not silently dropped.
+    ``fresh``: a new run (not a resume) in a folder that has a results.csv (``--exist-ok``) starts
+    the file anew instead of appending its epochs to the earlier run's.
     """
 
-    def __init__(self, save_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, save_dir: Path, tensorboard: bool = True, fresh: bool = False) -> None:
         self.csv_path = Path(save_dir) / "results.csv"
         self.columns: list[str] | None = None
-        if self.csv_path.exists():
+        if fresh:
+            self.csv_path.unlink(missing_ok=True)
+        elif self.csv_path.exists():
             with open(self.csv_path, newline="") as f:
                 self.columns = next(csv.reader(f), None)
         self.writer = None
