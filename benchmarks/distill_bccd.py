@@ -79,7 +79,7 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "classic": ("hyp.distill-classic.yaml", {}),
     "crosskd": (None, {"distill_crosskd": True}),
     "pkd": (None, {"distill_feat": 4.0}),  # + PKD on the P3-P5 neck outputs
-    "no-pkd": (None, {"distill_feat": 0.0}),  # what the default is since 2026-12-05; kept for the older commands
+    "no-pkd": (None, {"distill_feat": 0.0}),  # no PKD, as the default since 2026-12-05; kept for the older commands
     "teacher-fp32": (None, {"distill_teacher_dtype": "fp32"}),
     "kd-constant": (None, {"distill_stop_epoch": -1}),  # KD also after mosaic closes
     "kd-warmup": (None, {"distill_warmup_fraction": 0.25}),  # the default since 2026-12-05 (for older commands)
