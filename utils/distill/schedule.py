@@ -40,15 +40,17 @@ def distill_weight_at(epoch: float, epochs: int, schedule: str = "constant", end
     """
     if 0 < stop_epoch <= epoch:
         return 0.0
-    ramp = min(epoch / (warmup * epochs), 1.0) if warmup > 0 else 1.0
     progress = training_progress(epoch, epochs)
     if schedule == "constant":
-        return ramp
-    if schedule == "linear":
-        return ramp * (1.0 + (end - 1.0) * progress)
-    if schedule == "cosine":
-        return ramp * (end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-    raise ValueError(f"unknown distillation schedule {schedule!r}")
+        weight = 1.0
+    elif schedule == "linear":
+        weight = 1.0 + (end - 1.0) * progress
+    elif schedule == "cosine":
+        weight = end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown distillation schedule {schedule!r}")
+    ramp = min(epoch / (warmup * epochs), 1.0) if warmup > 0 else 1.0
+    return ramp * weight
 
 
 def backbone_end(model: nn.Module) -> int:
