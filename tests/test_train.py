@@ -246,3 +246,44 @@ def test_hyp_base_is_merged_and_loops_refused(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\nlr0: 0.2\n")
     with pytest.raises(UserError, match="loop"):
         load_hyp(tmp_path / "a.yaml")
+
+
+def _steps_with_hyp(data: str, project: Path, name: str, lines: str) -> int:
+    """Optimizer steps (= EMA updates) of a 2-epoch, 2-batch run at batch 4 without warm-up."""
+    hyp = project / f"{name}.yaml"
+    hyp.write_text(f"base: {HYP_LOW}\nwarmup_epochs: 0\n{lines}")
+    train.main(_args(data, project, name, extra=("--hyp", str(hyp))))
+    return int(load_checkpoint(project / name / "weights" / "last.pt")["ema_updates"])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the nbs-64 run takes no step
+def test_nominal_batch_hyp_sets_the_images_per_optimizer_step(tiny_data, tmp_path):
+    """hyp nbs: at nbs 4 and batch 4 every batch is a step (2 epochs x 2 batches = 4 steps); at the
+    default 64 a step needs 16 batches and these 4 make none."""
+    assert _steps_with_hyp(tiny_data, tmp_path, "nbs4", "nbs: 4\n") == 4
+    assert _steps_with_hyp(tiny_data, tmp_path, "nbs64", "") == 0
+
+
+def test_nominal_batch_values():
+    from utils.errors import UserError
+    from utils.optim import accumulate_steps, nominal_batch, scaled_weight_decay, warmup_accumulate
+
+    assert nominal_batch({}) == 64 and nominal_batch({"nbs": 16}) == 16
+    assert accumulate_steps(16) == 4 and accumulate_steps(16, 16) == 1 and accumulate_steps(16, 8) == 1
+    # the decay follows the images per step: batch 16 x 1 step at nbs 16 is the nominal batch
+    assert scaled_weight_decay(5e-4, 16, 16) == pytest.approx(5e-4)
+    assert scaled_weight_decay(5e-4, 32, 16) == pytest.approx(1e-3)
+    assert warmup_accumulate(0, 100, 16, 32) == 1 and warmup_accumulate(100, 100, 16, 32) == 2
+    for bad in (0, -16, 1.5, "16", True, None):
+        with pytest.raises(UserError, match="nbs"):
+            nominal_batch({"nbs": bad})
+
+
+def test_bad_nominal_batch_is_one_line_exit_2(tiny_data, tmp_path, capsys):
+    hyp = tmp_path / "bad.yaml"
+    hyp.write_text(f"base: {HYP_LOW}\nnbs: 0\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(_args(tiny_data, tmp_path, "bad", extra=("--hyp", str(hyp))))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nbs" in err[0]

@@ -29,8 +29,8 @@ from utils.evaluate import evaluate
 from utils.log import LOGGER
 from utils.loss import DetectionLoss, DistillationLoss
 from utils.metrics import fitness
-from utils.optim import (accumulate_steps, apply_warmup, build_optimizer, lr_lambda, scaled_weight_decay,
-                         warmup_accumulate, warmup_iterations)
+from utils.optim import (accumulate_steps, apply_warmup, build_optimizer, lr_lambda, nominal_batch,
+                         scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.paths import increment_path
 from utils.run_logger import RunLogger
 from utils.train_setup import (build_model, file_sha256, find_resume_checkpoint, freeze_layers, load_hyp,
@@ -77,6 +77,7 @@ class Trainer:
             raise UserError(f"--batch {opt.batch} is smaller than the number of processes {self.dist.world_size}")
         if opt.epochs < 1:
             raise UserError("--epochs must be at least 1")
+        self.nbs = nominal_batch(self.hyp)  # images per optimizer step (hyp nbs, 64 when absent)
 
         if self.resume_ckpt is not None:
             self.save_dir = Path(opt.resume).resolve().parents[1]
@@ -160,7 +161,7 @@ class Trainer:
         modules = [self.model]
         if self.distill_loss is not None:
             modules += list(self.distill_loss.trainable_modules())
-        weight_decay = scaled_weight_decay(hyp["weight_decay"], opt.batch)
+        weight_decay = scaled_weight_decay(hyp["weight_decay"], opt.batch, self.nbs)
         self.optimizer = build_optimizer(modules, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
         # listed once: clip_grad_norm_ skips parameters without a gradient (e.g. a frozen backbone)
         self.optimized_params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -172,7 +173,7 @@ class Trainer:
         batches = len(self.train_loader)
         if self.opt.max_batches:
             batches = min(batches, self.opt.max_batches)
-        return batches / accumulate_steps(self.opt.batch)
+        return batches / accumulate_steps(self.opt.batch, self.nbs)
 
     def _prepare_train_model(self, epoch: int) -> None:
         """(Re)build the module that trains this epoch: the student, or the student with the
@@ -323,7 +324,7 @@ class Trainer:
             if i >= nb:
                 break
             ni = i + nb * epoch
-            accumulate = warmup_accumulate(ni, self.warmup_iters, opt.batch)
+            accumulate = warmup_accumulate(ni, self.warmup_iters, opt.batch, self.nbs)
             if ni <= self.warmup_iters:
                 apply_warmup(self.optimizer, ni, self.warmup_iters, self.lf(epoch), self.hyp)
             imgs = imgs.to(device, non_blocking=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -11,21 +11,33 @@ from torch import nn
 
 from utils.errors import UserError
 
-NOMINAL_BATCH = 64  # gradients are accumulated to this batch size; weight decay is scaled to it
+NOMINAL_BATCH = 64  # gradients are accumulated to this batch size (hyp ``nbs``); weight decay is scaled to it
 MIN_WARMUP_ITERS = 100
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
 _NORM_TYPES = tuple(cls for name, cls in vars(nn).items() if "Norm" in name and isinstance(cls, type))
 
 
-def accumulate_steps(batch_size: int) -> int:
-    """Micro-batches per optimizer step so that the effective batch is about 64."""
-    return max(round(NOMINAL_BATCH / batch_size), 1)
+def nominal_batch(hyp: Mapping) -> int:
+    """The hyp's ``nbs``: images per optimizer step that gradients are accumulated to (64 when absent).
+
+    At 64 a 200-image set at batch 16 gets about 3 optimizer steps per epoch; ``nbs: 16`` makes every
+    batch of 16 a step (4x the steps for the same images), with weight decay scaled to match.
+    """
+    value = hyp.get("nbs", NOMINAL_BATCH)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"hyp key 'nbs' (nominal batch size) must be a positive integer, got {value!r}")
+    return value
 
 
-def scaled_weight_decay(weight_decay: float, batch_size: int) -> float:
-    """Weight decay scaled by ``batch * accumulate / 64`` (so x1.0 at batch 16, x2.0 at batch 128)."""
-    return weight_decay * batch_size * accumulate_steps(batch_size) / NOMINAL_BATCH
+def accumulate_steps(batch_size: int, nominal: int = NOMINAL_BATCH) -> int:
+    """Micro-batches per optimizer step so that the effective batch is about ``nominal``."""
+    return max(round(nominal / batch_size), 1)
+
+
+def scaled_weight_decay(weight_decay: float, batch_size: int, nominal: int = NOMINAL_BATCH) -> float:
+    """Weight decay scaled by ``batch * accumulate / nominal`` (at 64: x1.0 at batch 16, x2.0 at 128)."""
+    return weight_decay * batch_size * accumulate_steps(batch_size, nominal) / nominal
 
 
 def parameter_groups(modules: Iterable[nn.Module]) -> tuple[list, list, list]:
@@ -98,8 +110,8 @@ def apply_warmup(optimizer: torch.optim.Optimizer, iteration: int, warmup_iters:
             group["betas"] = (momentum, group["betas"][1])
 
 
-def warmup_accumulate(iteration: int, warmup_iters: int, batch_size: int) -> int:
+def warmup_accumulate(iteration: int, warmup_iters: int, batch_size: int, nominal: int = NOMINAL_BATCH) -> int:
     """Accumulation steps grow from 1 to the nominal value during warm-up."""
     if warmup_iters <= 0 or iteration >= warmup_iters:
-        return accumulate_steps(batch_size)
-    return max(1, round(float(np.interp(iteration, [0, warmup_iters], [1, NOMINAL_BATCH / batch_size]))))
+        return accumulate_steps(batch_size, nominal)
+    return max(1, round(float(np.interp(iteration, [0, warmup_iters], [1, nominal / batch_size]))))
