@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 from benchmarks.latency import time_onnxruntime
-from utils.checkpoint import load_model
+from utils.checkpoint import load_checkpoint, load_model
 from utils.errors import ArgumentParser, UserError, cli_main
 from utils.model_info import count_params, gflops
 
-RUNS = (("teacher", "teacher (gelan-t)"), ("student-scratch", "student (yolov9-tiny), scratch"),
-        ("student-distill", "student (yolov9-tiny), distilled"))
+RUNS = (("teacher", "teacher ({})"), ("student-scratch", "student ({}), scratch"),
+        ("student-distill", "student ({}), distilled"))  # {}: the model yaml's name, from the checkpoint
 LATENCY_THREADS = 2
 LATENCY_WARMUP, LATENCY_RUNS = 3, 20
 
@@ -44,7 +44,8 @@ def collect(runs: Path, img: int) -> list[dict]:
                 raise UserError(f"{needed} is missing: run the demo's earlier steps first (make demo)")
         model = load_model(weights, fuse=True)
         metrics = json.loads(metrics_file.read_text())
-        records.append({"model": label, "params": count_params(model), "gflops": gflops(model, img),
+        cfg = (load_checkpoint(weights).get("opt") or {}).get("cfg") or "model"
+        records.append({"model": label.format(Path(str(cfg)).stem), "params": count_params(model), "gflops": gflops(model, img),
                         "map50": metrics["map50"], "map": metrics["map"], "onnx": onnx_path})
     return records
 

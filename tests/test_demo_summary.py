@@ -1,0 +1,41 @@
+"""The demo's closing table names each model after the model yaml its checkpoint was trained from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from models.yolo import DetectionModel
+from scripts import demo_summary
+from utils.checkpoint import make_checkpoint, save_checkpoint
+from utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(runs: Path, run: str, cfg: str, map50_95: float) -> None:
+    model = DetectionModel(str(ROOT / "models" / "detect" / cfg), nc=3)
+    weights = runs / run / "weights"
+    weights.mkdir(parents=True)
+    save_checkpoint(make_checkpoint(model, epoch=-1, opt={"cfg": f"models/detect/{cfg}"}), weights / "best.pt")
+    (weights / "best.onnx").write_bytes(b"")  # collect() only needs it to exist
+    (runs / f"val-{run}").mkdir()
+    (runs / f"val-{run}" / "metrics.json").write_text(json.dumps({"map50": 0.8, "map": map50_95}))
+
+
+def test_labels_follow_the_checkpoints_model_yaml(tmp_path):
+    _run(tmp_path, "teacher", "gelan-s.yaml", 0.59)
+    _run(tmp_path, "student-scratch", "yolov9-tiny.yaml", 0.48)
+    _run(tmp_path, "student-distill", "yolov9-tiny.yaml", 0.49)
+    records = demo_summary.collect(tmp_path, 64)
+    assert [r["model"] for r in records] == ["teacher (gelan-s)", "student (yolov9-tiny), scratch",
+                                             "student (yolov9-tiny), distilled"]
+    assert records[0]["params"] > records[1]["params"] and records[2]["map"] == pytest.approx(0.49)
+
+
+def test_a_missing_step_is_named(tmp_path):
+    _run(tmp_path, "teacher", "gelan-t.yaml", 0.5)
+    with pytest.raises(UserError, match="student-scratch"):
+        demo_summary.collect(tmp_path, 64)
