@@ -21,7 +21,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	PY=$(PY) scripts/demo.sh
 
-# The demo's steps on a tiny generated data set, one epoch each: CI runs it so the main job cannot break.
+# The demo's steps on a tiny generated data set (teacher 1 epoch, students 2): CI runs it so the main job cannot break.
 SMOKE := runs/demo-smoke
 demo-smoke: $(STAMP)
 	$(PY) -m utils.synthetic --out $(SMOKE)/data --train 16 --val 8 --img 128

@@ -242,6 +242,7 @@ def test_hyp_base_is_merged_and_loops_refused(tmp_path):
     merged = load_hyp(ROOT / "hyp" / "hyp.demo-distill.yaml")  # base: [hyp.distill.yaml, hyp.demo.yaml]
     distill = load_hyp(ROOT / "hyp" / "hyp.distill.yaml")
     assert merged["ema_epochs"] == 3 and merged["distill_cls"] == distill["distill_cls"] and "base" not in merged
+    assert merged["nbs"] == 16 and merged["distill_warmup_fraction"] == 0.0  # this file's own key wins
     (tmp_path / "a.yaml").write_text("base: b.yaml\nlr0: 0.1\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nlr0: 0.2\n")
     with pytest.raises(UserError, match="loop"):
