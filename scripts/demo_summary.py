@@ -44,8 +44,8 @@ def collect(runs: Path, img: int) -> list[dict]:
                 raise UserError(f"{needed} is missing: run the demo's earlier steps first (make demo)")
         model = load_model(weights, fuse=True)
         metrics = json.loads(metrics_file.read_text())
-        cfg = (load_checkpoint(weights).get("opt") or {}).get("cfg") or "model"
-        records.append({"model": label.format(Path(str(cfg)).stem), "params": count_params(model), "gflops": gflops(model, img),
+        cfg = Path(str((load_checkpoint(weights).get("opt") or {}).get("cfg") or "model")).stem
+        records.append({"model": label.format(cfg), "params": count_params(model), "gflops": gflops(model, img),
                         "map50": metrics["map50"], "map": metrics["map"], "onnx": onnx_path})
     return records
 
