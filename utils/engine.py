@@ -121,10 +121,8 @@ class Trainer:
             self._restore(self.resume_ckpt)
         self._wrapped_as: tuple | None = None
         self.train_model = model
-        fresh = self.resume_ckpt is None
-        self.logger = RunLogger(self.save_dir, tensorboard=True, fresh=fresh) if self.dist.is_main else None
-        if self.logger is not None and self.resume_ckpt is not None:
-            self.logger.truncate(self.start_epoch - 1)
+        self.logger = (RunLogger(self.save_dir, tensorboard=True, last_epoch=self.start_epoch - 1)
+                       if self.dist.is_main else None)
 
     def _build_data(self) -> None:
         opt, world = self.opt, self.dist.world_size

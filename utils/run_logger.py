@@ -13,18 +13,24 @@ class RunLogger:
 
     The column set is fixed by the first row written (or read back from an existing file when a
     run resumes); a later row with new keys is an error in the caller, not silently dropped.
-    ``fresh``: a new run (not a resume) in a folder that has a results.csv (``--exist-ok``) starts
-    the file anew instead of appending its epochs to the earlier run's.
+    ``last_epoch``: the last epoch already done. Rows after it in an existing results.csv are dropped
+    (a resumed run rewrites the epochs it repeats); when none are left (a new run, -1, e.g. in a
+    folder reused with ``--exist-ok``) the file starts anew instead of taking the earlier run's.
     """
 
-    def __init__(self, save_dir: Path, tensorboard: bool = True, fresh: bool = False) -> None:
+    def __init__(self, save_dir: Path, tensorboard: bool = True, last_epoch: int = -1) -> None:
         self.csv_path = Path(save_dir) / "results.csv"
         self.columns: list[str] | None = None
-        if fresh:
+        kept = [r for r in self.rows() if int(float(r["epoch"])) <= last_epoch]
+        if not kept:
             self.csv_path.unlink(missing_ok=True)
-        elif self.csv_path.exists():
+        else:
             with open(self.csv_path, newline="") as f:
-                self.columns = next(csv.reader(f), None)
+                self.columns = next(csv.reader(f))
+            with open(self.csv_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns)
+                writer.writeheader()
+                writer.writerows(kept)
         self.writer = None
         if tensorboard:
             try:
@@ -58,16 +64,6 @@ class RunLogger:
             return []
         with open(self.csv_path, newline="") as f:
             return list(csv.DictReader(f))
-
-    def truncate(self, last_epoch: int) -> None:
-        """Drop rows after ``last_epoch`` (a resumed run rewrites the epochs it repeats)."""
-        rows = [r for r in self.rows() if int(float(r["epoch"])) <= last_epoch]
-        if self.columns is None:
-            return
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows(rows)
 
     def close(self) -> None:
         if self.writer is not None:
