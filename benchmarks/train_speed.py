@@ -81,12 +81,13 @@ def gpu_only_rate(cfg: Path, hyp_path: Path, nc: int, opt: argparse.Namespace) -
     from utils.ema import ModelEMA
     from utils.engine import GRAD_CLIP_NORM
     from utils.loss import DetectionLoss
-    from utils.optim import accumulate_steps, build_optimizer, scaled_weight_decay
+    from utils.optim import accumulate_steps, build_optimizer, nominal_batch, scaled_weight_decay
     from utils.train_setup import load_hyp, resolve_amp
 
     device = select_device(opt.device)
     torch.manual_seed(opt.seed)
     hyp = load_hyp(hyp_path)
+    nbs = nominal_batch(hyp)
     model = DetectionModel(cfg, nc=nc).to(device).train()
     for module in model.modules():  # as the engine: the DFL expectation weights stay fixed
         if type(module).__name__ == "DFL":
@@ -95,12 +96,12 @@ def gpu_only_rate(cfg: Path, hyp_path: Path, nc: int, opt: argparse.Namespace) -
     model.to(memory_format=memory_format)
     loss_fn = DetectionLoss(model, hyp)
     optimizer = build_optimizer([model], "SGD", hyp["lr0"], hyp["momentum"],
-                                scaled_weight_decay(hyp["weight_decay"], opt.batch))
+                                scaled_weight_decay(hyp["weight_decay"], opt.batch, nbs))
     amp_dtype = resolve_amp(opt.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     ema = ModelEMA(model)
-    # the engine's accumulation to a batch of 64; a dry run steps every batch so that it checks that path too
-    accumulate = 1 if opt.dry_run else accumulate_steps(opt.batch)
+    # the engine's accumulation to the hyp's nbs; a dry run steps every batch so that it checks that path too
+    accumulate = 1 if opt.dry_run else accumulate_steps(opt.batch, nbs)
     imgs, targets = random_batch(opt.batch, opt.img, nc, device, opt.seed)
     imgs = imgs.contiguous(memory_format=memory_format)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
