@@ -85,6 +85,7 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "kd-warmup": (None, {"distill_warmup_fraction": 0.25}),  # the default since 2026-12-05 (for older commands)
     "no-warmup": (None, {"distill_warmup_fraction": 0.0}),  # full KD weight from the first epoch (the earlier default)
     "kd-warmup-x2": (None, {"distill_warmup_fraction": 0.25, KD_SCALE: 2.0}),  # ... to twice the KD weights
+    "kd-warmup-half": (None, {"distill_warmup_fraction": 0.5}),  # the ramp over half the epochs
     "kd-half": (None, {KD_SCALE: 0.5}),  # every KD weight of the recipe halved
     "kd-x2": (None, {KD_SCALE: 2.0}),  # every KD weight of the recipe doubled
     "kd-x4": (None, {KD_SCALE: 4.0}),

@@ -88,6 +88,7 @@ def test_method_hyps_apply_the_ablation_and_the_common_changes(tmp_path):
     assert hyps["kd-warmup"] == hyps["default"] and base["distill_warmup_fraction"] == 0.25  # the measured name
     assert hyps["no-warmup"] == {**hyps["default"], "distill_warmup_fraction": 0.0}
     assert hyps["kd-warmup-x2"] == {**hyps["kd-x2"], "distill_warmup_fraction": 0.25}
+    assert hyps["kd-warmup-half"] == {**hyps["default"], "distill_warmup_fraction": 0.5}
     with pytest.raises(common.UserError, match="--hyp-set"):
         distill_bccd.parse_hyp_set(["novalue"])
     with pytest.raises(common.UserError, match="unknown"):
