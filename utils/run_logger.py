@@ -21,12 +21,16 @@ class RunLogger:
     def __init__(self, save_dir: Path, tensorboard: bool = True, last_epoch: int = -1) -> None:
         self.csv_path = Path(save_dir) / "results.csv"
         self.columns: list[str] | None = None
-        kept = [r for r in self.rows() if int(float(r["epoch"])) <= last_epoch]
+        columns, kept = None, []
+        if self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                kept = [r for r in reader if int(float(r["epoch"])) <= last_epoch]
+                columns = reader.fieldnames
         if not kept:
             self.csv_path.unlink(missing_ok=True)
         else:
-            with open(self.csv_path, newline="") as f:
-                self.columns = next(csv.reader(f))
+            self.columns = list(columns)
             with open(self.csv_path, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=self.columns)
                 writer.writeheader()
