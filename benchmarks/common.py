@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from utils.atomic import atomic_write_text
 from utils.errors import ArgumentParser, UserError
 from utils.log import LOGGER
 
@@ -348,7 +349,7 @@ class Runner:
             wall = self._execute(script, args, run_dir / "train.log")
         result = {"name": name, "dir": str(run_dir), "best": str(run_dir / "weights" / "best.pt"),
                   "wall_s": wall, "command": shown, "hyp_sha256": hyp_sha, "resumed": resumed}
-        (run_dir / RUN_MARKER).write_text(json.dumps(result, indent=1))
+        atomic_write_text(run_dir / RUN_MARKER, json.dumps(result, indent=1))  # --reuse trusts it
         pending.unlink(missing_ok=True)
         return result
 
@@ -467,12 +468,7 @@ def report_header(title: str, info: dict, command: str, dry_run: bool) -> str:
 
 def write_results(path: str | Path, payload: dict) -> Path:
     """Write the results JSON (atomically: an interrupted benchmark leaves the previous file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=1, default=str) + "\n")
 
 
 def results_path(opt: argparse.Namespace) -> Path:

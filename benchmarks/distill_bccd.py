@@ -60,6 +60,7 @@ from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_
                                fmt_spread, hyp_file, machine_info, markdown_table, mean_spread, model_cfg,
                                read_results_csv, report_header, resolve_data, results_path, train_rate,
                                training_parser, write_results)
+from utils.atomic import atomic_write_text
 from utils.errors import UserError, cli_main
 from utils.log import LOGGER, setup_logging
 
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                            lead_ok, payload["costs"])
         payload["table"] = report
         write_results(out, payload)
-        out.with_suffix(".md").write_text(report + "\n")
+        atomic_write_text(out.with_suffix(".md"), report + "\n")
 
 
     def task(method: str, seed: int) -> None:

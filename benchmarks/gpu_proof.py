@@ -50,6 +50,7 @@ if __package__ in (None, ""):  # started as `python benchmarks/gpu_proof.py`: ma
 
 from benchmarks.common import ROOT, RUNS_DIR, fmt, markdown_table, model_cfg, write_results
 from benchmarks.gpu_proof_steps import PREPARE, STEP_NAMES, STEPS, Context, Step, step_file
+from utils.atomic import atomic_write_text
 from utils.errors import ArgumentParser, UserError, cli_main
 from utils.log import LOGGER, setup_logging
 
@@ -292,9 +293,7 @@ class Orchestrator:
             report = markdown(self.payload)
         except Exception as exc:  # the JSON above holds every figure; a drawing bug must not stop the steps
             report = f"# GPU proof\n\n(no report: {type(exc).__name__}: {exc}; see {JSON_NAME})\n"
-        tmp = self.out / f".{MD_NAME}.tmp"
-        tmp.write_text(report)
-        os.replace(tmp, self.out / MD_NAME)
+        atomic_write_text(self.out / MD_NAME, report)
 
 
 def signal_group(group: int, sig: int) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from utils import label_check, synthetic
+from utils import atomic, label_check, synthetic
 from utils.boxes import scale_boxes, xywhn2xyxy
 from utils.data_config import load_data_config
 from utils.datasets import close_mosaic, create_dataloader
@@ -266,12 +266,14 @@ def test_label_cache_reused_and_invalidated(tmp_path, log_lines):
     assert not any("(from cache)" in line for line in log_lines)
 
 
-def test_unwritable_cache_folder_only_warns(tmp_path, log_lines):
+def test_unwritable_cache_folder_only_warns(tmp_path, log_lines, monkeypatch):
     src = painted_set(tmp_path)
     labels = label_check.img2label_path(str(src / "im0.png"))
     cache = label_check.cache_path_for([labels])
     # A folder where the temporary cache file would go makes the write fail, even for root.
-    (cache.parent / f".{cache.name}.{os.getpid()}.tmp").mkdir()
+    blocker = cache.parent / f".{cache.name}.blocked.tmp"
+    blocker.mkdir()
+    monkeypatch.setattr(atomic, "temporary_name", lambda path: blocker)
     _, dataset = create_dataloader(str(src), 64, 2, workers=0)
     assert len(dataset) == 4 and not cache.exists()
     assert any("label cache not written" in line for line in log_lines)

@@ -18,9 +18,7 @@ import argparse
 import collections
 import copy
 import datetime
-import os
 import pickle
-import secrets
 import sys
 import warnings
 from collections.abc import Mapping
@@ -32,6 +30,7 @@ import torch
 from torch import nn
 
 from models.yolo import DetectionModel
+from utils.atomic import atomic_write
 from utils.ema import unwrap
 from utils.errors import ArgumentParser, UserError, cli_main
 from utils.log import LOGGER, setup_logging
@@ -173,43 +172,11 @@ def strip_checkpoint(ckpt: dict | str | Path, out: str | Path | None = None,
     return save_checkpoint(stripped, out if out is not None else ckpt)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); not possible, nor needed, everywhere."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
-    """Write ``ckpt`` to ``path`` atomically: the file is either the old one or the complete new one.
-
-    The data goes to a temporary file in the same folder, is flushed and fsynced, then renamed
-    over ``path`` with ``os.replace``. If anything fails (disk full, interrupt) the temporary file
-    is removed and a previous ``path`` is left untouched. Returns ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open with 0o666 lets the umask decide the mode, as for any other file the user writes
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """Write ``ckpt`` to ``path`` atomically and durably (``utils.atomic``): the file is either the
+    old one or the complete new one, and a failed write (disk full, interrupt) leaves no temporary
+    file behind. Returns ``path``."""
+    return atomic_write(path, lambda f: torch.save(ckpt, f), durable=True)
 
 
 def _torch_load(path: Path) -> Any | None:

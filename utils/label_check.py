@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from utils.atomic import atomic_write
 from utils.errors import UserError
 from utils.log import LOGGER
 
@@ -286,22 +287,15 @@ def _save_cache(path: Path, digest: str, result: LabelSet) -> None:
     """Write the cache atomically; a folder we may not write to only costs a warning."""
     counts = np.array([len(lab) for lab in result.labels], dtype=np.int64)
     flat = np.concatenate(result.labels, 0) if result.labels else np.zeros((0, BOX_COLUMNS), np.float32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    arrays = dict(version=np.array(CACHE_VERSION), hash=np.array(digest),
+                  im_files=np.array(result.im_files, dtype=str), shapes=result.shapes,
+                  label_counts=counts, labels=flat.astype(np.float32),
+                  messages=np.array(result.messages, dtype=str), counts=np.array(json.dumps(result.counts)))
     try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, version=np.array(CACHE_VERSION), hash=np.array(digest),
-                     im_files=np.array(result.im_files, dtype=str), shapes=result.shapes,
-                     label_counts=counts, labels=flat.astype(np.float32),
-                     messages=np.array(result.messages, dtype=str),
-                     counts=np.array(json.dumps(result.counts)))
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
     except OSError as exc:
         LOGGER.warning(f"label cache not written to {path} ({exc.strerror or exc}); "
                        "labels will be checked again next time")
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # nothing of ours to clean up there
 
 
 def _load_cache(path: Path, digest: str) -> LabelSet | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from utils.atomic import atomic_write
 from utils.log import LOGGER
 
 
@@ -31,10 +32,13 @@ class RunLogger:
             self.csv_path.unlink(missing_ok=True)
         else:
             self.columns = list(columns)
-            with open(self.csv_path, "w", newline="") as f:
+
+            def rewrite(f) -> None:  # atomic: a crash here must not lose the epochs kept
                 writer = csv.DictWriter(f, fieldnames=self.columns)
                 writer.writeheader()
                 writer.writerows(kept)
+
+            atomic_write(self.csv_path, rewrite, text=True)
         self.writer = None
         if tensorboard:
             try:
