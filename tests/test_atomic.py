@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 
-from utils.atomic import atomic_write, atomic_write_text
+from utils import atomic
+from utils.atomic import atomic_write, atomic_write_text, swap_in_folder
 from utils.run_logger import RunLogger
 
 
@@ -65,3 +67,41 @@ def test_run_logger_rewrite_that_fails_keeps_every_row(tmp_path, monkeypatch):
         RunLogger(tmp_path, tensorboard=False, last_epoch=1)
     assert (tmp_path / "results.csv").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+
+
+def _folder(path, text):
+    path.mkdir()
+    (path / "done.json").write_text(text)
+    (path / "data.txt").write_text(text)
+    return path
+
+
+def test_swap_in_folder_replaces_the_old_folder_and_leaves_nothing_behind(tmp_path):
+    root = _folder(tmp_path / "set", "old")
+    swap_in_folder(_folder(tmp_path / ".set.tmp", "new"), root, "done.json")
+    assert (root / "data.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]
+
+
+@pytest.mark.parametrize("other_finished", [True, False])
+def test_swap_in_folder_when_another_process_got_there_first(tmp_path, monkeypatch, other_finished):
+    """Between our two renames another process puts its folder at root: a complete one (with the
+    marker) wins and ours is dropped; a half one is not taken for complete (the error is raised)."""
+    root, tmp = tmp_path / "set", _folder(tmp_path / ".set.tmp", "ours")
+    real_rename = atomic.os.rename
+
+    def racing_rename(src, dst):
+        if Path(src) == root:  # no old folder to move away; meanwhile the other process writes root
+            _folder(root, "theirs") if other_finished else root.mkdir()
+            (root / "partial").write_text("x")
+            raise FileNotFoundError(src)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", racing_rename)
+    if other_finished:
+        swap_in_folder(tmp, root, "done.json")
+        assert (root / "data.txt").read_text() == "theirs"
+    else:
+        with pytest.raises(OSError):
+            swap_in_folder(tmp, root, "done.json")
+    assert not tmp.exists()

@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader sees either the previous file or the complete new one, never half.
+"""Atomic writes: a reader sees either the previous file (or folder) or the complete new one, never half.
 
 Every file that a later run reads back goes through here: checkpoints, the label cache, a resumed
 run's results.csv, the benchmarks' result tables. The data goes to a temporary file in the same
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -66,3 +67,24 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], object], *, text: 
 def atomic_write_text(path: str | Path, content: str) -> Path:
     """Write ``content`` (UTF-8) to ``path`` atomically; returns ``path``."""
     return atomic_write(path, lambda f: f.write(content), text=True)
+
+
+def swap_in_folder(tmp: Path, root: Path, marker: str) -> None:
+    """Put the finished folder ``tmp`` in place of ``root`` by renames, so that a reader never sees
+    half a folder; an older ``root`` is removed. ``marker``: the file a complete folder holds; when
+    the rename fails because another process put its complete folder there first, ours is dropped.
+    """
+    stale: Path | None = root.with_name(f".{root.name}.old-{os.getpid()}")
+    try:
+        os.rename(root, stale)
+    except FileNotFoundError:
+        stale = None
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / marker).is_file():  # not another process that won the race
+            raise
+    finally:
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import yaml
 
+from utils.atomic import swap_in_folder
 from utils.errors import UserError, cli_main
 from utils.log import LOGGER, setup_logging
 
@@ -282,21 +283,7 @@ def ensure_generated(root: str | Path, n_train: int = DEFAULTS["n_train"], n_val
     shutil.rmtree(tmp, ignore_errors=True)
     generate(tmp, n_train, n_val, img_size, seed)
     (tmp / MARKER).write_text(json.dumps(settings))
-    # Swap folders with renames so that the set is never half there for a reader.
-    stale = root.with_name(f".{root.name}.old-{os.getpid()}")
-    try:
-        os.rename(root, stale)
-    except FileNotFoundError:
-        stale = None
-    try:
-        os.rename(tmp, root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not marker.is_file():  # not another process that won the race
-            raise
-    finally:
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
+    swap_in_folder(tmp, root, MARKER)  # a reader never sees half a set
     return root / "data.yaml"
 
 

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from utils.atomic import swap_in_folder
 from utils.convert.coco import convert_coco_export
 from utils.convert.voc import convert_voc
 from utils.convert.writer import written_by_us
@@ -72,24 +73,6 @@ def _read_spec(yaml_file: Path, spec: Any) -> tuple[str, Path, dict]:
     return fmt, source, options
 
 
-def _swap_in(tmp: Path, root: Path) -> None:
-    """Put ``tmp`` in place of ``root`` by renames, so that a reader never sees half a set."""
-    stale = root.with_name(f".{root.name}.old-{os.getpid()}")
-    try:
-        os.rename(root, stale)
-    except FileNotFoundError:
-        stale = None
-    try:
-        os.rename(tmp, root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (root / MARKER).is_file():  # not another process that won the race
-            raise
-    finally:
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
-
-
 def ensure_converted(yaml_file: Path, root: Path, spec: Any, names: list[str]) -> Path:
     """Convert the source of ``spec`` into ``root`` unless the same conversion is there; ``root/data.yaml``."""
     fmt, source, options = _read_spec(yaml_file, spec)
@@ -119,5 +102,5 @@ def ensure_converted(yaml_file: Path, root: Path, spec: Any, names: list[str]) -
     written = tmp / "data.yaml"  # its header names the command: name the final folder, not tmp
     written.write_text(written.read_text().replace(str(tmp), str(root), 1))
     (tmp / MARKER).write_text(json.dumps(wanted))
-    _swap_in(tmp, root)
+    swap_in_folder(tmp, root, MARKER)
     return root / "data.yaml"
