@@ -345,7 +345,7 @@ class Runner:
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True)
-            pending.write_text(json.dumps({"command": shown, "hyp_sha256": hyp_sha}))
+            atomic_write_text(pending, json.dumps({"command": shown, "hyp_sha256": hyp_sha}))
             wall = self._execute(script, args, run_dir / "train.log")
         result = {"name": name, "dir": str(run_dir), "best": str(run_dir / "weights" / "best.pt"),
                   "wall_s": wall, "command": shown, "hyp_sha256": hyp_sha, "resumed": resumed}

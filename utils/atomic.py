@@ -1,7 +1,7 @@
 """Atomic writes: a reader sees either the previous file (or folder) or the complete new one, never half.
 
-Every file that a later run reads back goes through here: checkpoints, the label cache, a resumed
-run's results.csv, the benchmarks' result tables. The data goes to a temporary file in the same
+The files a later run reads back go through here: checkpoints, the label cache, a resumed
+run's results.csv, the benchmarks' records and run markers. The data goes to a temporary file in the same
 folder (so the rename cannot cross file systems), which is renamed over the target with
 ``os.replace``. If writing fails (disk full, an exception in the writer, Ctrl-C), the temporary
 file is removed and the previous file is left as it was.
