@@ -65,6 +65,13 @@ def machine_info() -> dict:
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
+def machine_line(info: dict) -> str:
+    """The ``Machine:`` line under a latency table (from :func:`machine_info`)."""
+    gpu = f", GPU {info['gpu']}" if info["gpu"] else ""
+    return (f"Machine: {info['cpu']}, {info['cores']} cores{gpu}; onnxruntime {info['onnxruntime']}, "
+            f"torch {info['torch']}; {info['date']}.")
+
+
 def _summary(times: list[float]) -> dict:
     """Median and p90 in milliseconds of per-run times in seconds."""
     ordered = sorted(times)
@@ -149,9 +156,7 @@ def markdown(records: list[dict], info: dict, opt: argparse.Namespace) -> str:
             g, g0 = r["torch_fp16_gpu"]["median_ms"], reference["torch_fp16_gpu"]["median_ms"]
             row += f" {g:.2f} | {g / g0:.2f} |"
         lines.append(row)
-    machine = (f"Machine: {info['cpu']}, {info['cores']} cores"
-               + (f", GPU {info['gpu']}" if info["gpu"] else "")
-               + f"; onnxruntime {info['onnxruntime']}, torch {info['torch']}; {info['date']}.")
+    machine = machine_line(info)
     settings = (f"Batch 1, {opt.img}x{opt.img}, nc={opt.nc}, {opt.threads} threads, {opt.warmup} warm-up + "
                 f"{opt.runs} timed runs per model (round-robin); ratio = median / {reference['model']} median.")
     command = "Command: `python -m benchmarks.latency " + " ".join(sys.argv[1:]) + "`"

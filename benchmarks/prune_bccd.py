@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latency import machine_info, time_onnxruntime
+from benchmarks.latency import machine_info, machine_line, time_onnxruntime
 from export import prepare_model
 from utils.export_onnx import export_onnx
 from utils.model_info import count_params, gflops
@@ -121,8 +121,7 @@ def markdown(rows: list[dict], info: dict, opt: argparse.Namespace) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['fine_tune']} | {r['params'] / MEGA:.3f} | {r['gflops']:.2f} | "
                      f"{r['latency_ratio']:.2f} | {r['map']:.4f} | {r['map50']:.4f} |")
-    machine = (f"Machine: {info['cpu']}, {info['cores']} cores" + (f", GPU {info['gpu']}" if info["gpu"] else "")
-               + f"; onnxruntime {info['onnxruntime']}, torch {info['torch']}; {info['date']}.")
+    machine = machine_line(info)
     settings = (f"Pruning: {opt.method}, {opt.scope} ratio; fine-tunes: {opt.epochs} epochs, {Path(opt.hyp).name}, "
                 f"{opt.img} px, batch {opt.batch}. Latency: ONNX Runtime CPU, batch 1, {opt.img}x{opt.img}, "
                 f"{opt.threads} threads, {opt.runs} timed runs round-robin; ratio = median / unpruned median.")

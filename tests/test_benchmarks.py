@@ -383,3 +383,17 @@ def test_teacher_speed_times_every_form_and_the_folded_teacher_computes_the_same
     fp32, bf16 = results[teacher_speed.FP32], results[teacher_speed.BF16]  # scored on BCCD val and test
     assert 0 < fp32["val_map"] < 1 and 0 < fp32["test_map"] < 1 and "val_map" not in results["folded"]
     assert abs(bf16["val_map"] - fp32["val_map"]) < 0.03 and abs(bf16["test_map"] - fp32["test_map"]) < 0.03
+
+
+def test_latency_and_prune_tables_share_one_machine_line():
+    from benchmarks import latency, prune_bccd
+
+    info = {"cpu": "Xeon", "cores": 2, "gpu": None, "onnxruntime": "1.99", "torch": "2.14", "date": "2026-12-06"}
+    assert latency.machine_line(info) == "Machine: Xeon, 2 cores; onnxruntime 1.99, torch 2.14; 2026-12-06."
+    assert ", GPU Orin" in latency.machine_line({**info, "gpu": "Orin"})
+    opt = prune_bccd.parse_args(["--weights", "s.pt", "--teacher", "t.pt"])
+    row = {"model": "p30", "fine_tune": "kd", "params": 1.5e6, "gflops": 2.0, "latency_ratio": 0.8, "map": 0.5,
+           "map50": 0.8}
+    table = prune_bccd.markdown([row], info, opt).splitlines()
+    assert table[2] == "| p30 | kd | 1.500 | 2.00 | 0.80 | 0.5000 | 0.8000 |"
+    assert latency.machine_line(info) in table
