@@ -387,8 +387,13 @@ def gap_closed(distilled: float, scratch: float, teacher: float) -> float:
     return (distilled - scratch) / lead if lead > 0 else math.nan
 
 
-def summarize(runs: list[dict], teacher: dict) -> list[dict]:
-    """One row per method: means over seeds, paired differences to scratch, gap closed, cost."""
+def summarize(runs: list[dict], teacher: dict, costs: dict | None = None) -> list[dict]:
+    """One row per method: means over seeds, paired differences to scratch, gap closed, cost.
+
+    The time ratio comes from ``costs`` (each method timed alone, ``--cost-batches``) where it has
+    the method and scratch, else from the runs' own images/s (which may have trained under other loads).
+    """
+    costs = costs or {}
     by_method: dict[str, dict[int, dict]] = {}
     for run in runs:
         by_method.setdefault(run["method"], {})[run["seed"]] = run
@@ -414,6 +419,9 @@ def summarize(runs: list[dict], teacher: dict) -> list[dict]:
         row["last_paired_diff"] = _paired(seeds, scratch, "last_test_map") if method != SCRATCH else []
         scratch_rate = mean_spread([r["images_s"] for r in scratch.values()])[0] if scratch else math.nan
         row["time_vs_scratch"] = scratch_rate / row["images_s"] if row["images_s"] else math.nan
+        row["time_from"] = "runs"
+        if costs.get(method) and costs.get(SCRATCH):
+            row["time_vs_scratch"], row["time_from"] = costs[SCRATCH] / costs[method], "cost runs"
         rows.append(row)
     order = [SCRATCH, *METHODS]
     return sorted(rows, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
@@ -448,6 +456,8 @@ def tables(summary: list[dict], runs: list[dict], teacher: dict, lead_ok: bool |
               "yes" if r["claimed"] else "no" if r["paired_diff"] else "-",
               "-" if math.isnan(r["time_vs_scratch"]) else f"{r['time_vs_scratch']:.2f}x"] for r in summary]
     lines += ["", markdown_table(headers, cells)]
+    if any(r.get("time_from") == "cost runs" for r in summary):
+        lines += ["", "Train time vs scratch: from the cost runs below (each method timed alone)."]
     classes = sorted({c for r in summary for c in r["test_per_class"]})
     if classes:
         per_class = [[teacher["label"] + " (teacher)", *[fmt(teacher.get("test_per_class", {}).get(c)) for c in classes]]]
@@ -533,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"{opt.close_mosaic}, seeds {' '.join(map(str, opt.seeds))}, hyp changes {opt.hyp_set or 'none'}")
 
     def publish() -> None:
-        payload["summary"] = summary = summarize(payload["runs"], teacher)
+        payload["summary"] = summary = summarize(payload["runs"], teacher, payload["costs"])
         scratch = next((r for r in summary if r["method"] == SCRATCH), None)
         lead_ok = None if scratch is None else teacher["val_map"] - mean_spread(scratch["val_map"])[0] >= opt.min_lead
         payload["teacher_leads"] = lead_ok

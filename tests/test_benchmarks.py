@@ -112,6 +112,10 @@ def test_summary_pairs_seeds_and_claims_only_consistent_gains():
     assert math.isnan(distill_bccd.gap_closed(0.5, 0.4, 0.3))  # teacher behind: no gap to close
     two_seeds = [r for r in runs if r["seed"] < 2]  # +5 and +5 points: consistent, but two seeds claim nothing
     assert not {r["method"]: r for r in distill_bccd.summarize(two_seeds, {"test_map": 0.51})}["default"]["claimed"]
+    # the cost runs (each method alone) decide the time ratio where they measured the method and scratch
+    timed = {r["method"]: r for r in distill_bccd.summarize(runs, {"test_map": 0.51}, {"scratch": 30.0, "default": 24.0})}
+    assert timed["default"]["time_vs_scratch"] == pytest.approx(1.25) and timed["default"]["time_from"] == "cost runs"
+    assert timed["classic"]["time_vs_scratch"] == pytest.approx(200 / 180) and timed["classic"]["time_from"] == "runs"
 
 
 def test_best_epoch_is_the_last_maximum_of_the_engine_fitness():
