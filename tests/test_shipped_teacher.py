@@ -91,3 +91,12 @@ def test_bf16_teacher_teaches_nearly_what_the_fp32_teacher_does():
     prob_change, dist_change = (probs[0] - probs[1]).abs(), (dists[0] - dists[1]).abs()
     assert 0 < prob_change.max() < 0.05 and prob_change.mean() < 0.002  # changed, but a little
     assert dist_change.max() < 0.5 and dist_change.mean() < 0.03
+
+
+def test_the_demo_takes_a_shipped_teacher():
+    """scripts/demo.sh's default teacher is one of the files above (a renamed file would break `make demo`)."""
+    import re
+
+    script = (ROOT / "scripts" / "demo.sh").read_text()
+    default = re.search(r"TEACHER=\$\{DEMO_TEACHER-([^}]*)\}", script).group(1)
+    assert (ROOT / default).is_file() and Path(default).name in VAL_MAP
