@@ -4,7 +4,7 @@
 # scratch with the same epochs and seed, validate all three, export them to ONNX and run detection
 # with the distilled student's ONNX file. Every step is the command a user would type.
 #
-#   make demo         # the full demo (11.5 minutes measured on a 2-core CPU once .venv exists)
+#   make demo         # the full demo (13.3 minutes measured on a 2-core CPU once .venv exists)
 #   make demo-smoke   # the same steps on a tiny synthetic set, teacher 1 epoch, students 2 (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
