@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.common import epoch_seconds
 from benchmarks.latency import time_onnxruntime
 from utils.checkpoint import load_checkpoint, load_model
 from utils.errors import ArgumentParser, UserError, cli_main
@@ -50,6 +51,15 @@ def collect(runs: Path, img: int) -> list[dict]:
     return records
 
 
+def training_time_line(runs: Path) -> str:
+    """How long each student's epochs took (results.csv, ``time/epoch_s``), and the ratio."""
+    distilled, scratch = epoch_seconds(runs / "student-distill"), epoch_seconds(runs / "student-scratch")
+    if not (distilled and scratch):
+        return "Training time: not logged (results.csv missing)."
+    return (f"Training time (the epochs in results.csv): distilled {distilled:.0f} s, scratch {scratch:.0f} s "
+            f"({distilled / scratch:.2f}x).")
+
+
 def table(records: list[dict], img: int) -> str:
     teacher_ms = records[0]["ort_cpu"]["median_ms"]
     lines = [f"| model | params | GFLOPs @{img} | val mAP50 | val mAP50-95 | ONNX CPU ms (median) | vs teacher |",
@@ -71,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     scratch, distilled = records[1]["map"], records[2]["map"]
     print(f"\nDistillation changed the student's val mAP50-95 by {100 * (distilled - scratch):+.1f} points "
           f"(same epochs, same seed, one run each; the 3-seed proof is benchmarks/distill_bccd.py, README).")
+    print(training_time_line(runs))
     print(f"\nWhere to look:\n"
           f"  curves:              {runs}/<run>/results.png (and TensorBoard: tensorboard --logdir {runs})\n"
           f"  PR curve, confusion: {runs}/val-student-distill/PR_curve.png, confusion_matrix.png\n"

@@ -39,3 +39,15 @@ def test_a_missing_step_is_named(tmp_path):
     _run(tmp_path, "teacher", "gelan-t.yaml", 0.5)
     with pytest.raises(UserError, match="student-scratch"):
         demo_summary.collect(tmp_path, 64)
+
+
+def test_training_time_sums_each_students_epochs(tmp_path):
+    for run, seconds in (("student-distill", (9.0, 8.5)), ("student-scratch", (7.0, 6.5))):
+        (tmp_path / run).mkdir()
+        # as utils/run_logger.py writes it: a header row, one row per epoch, the epoch's seconds in time/epoch_s
+        rows = [f"{e},1.5,{t}" for e, t in enumerate(seconds)]
+        (tmp_path / run / "results.csv").write_text("epoch,train/box_loss,time/epoch_s\n" + "\n".join(rows) + "\n")
+    assert demo_summary.training_time_line(tmp_path) == ("Training time (the epochs in results.csv): distilled 18 s, "
+                                                         "scratch 14 s (1.30x).")
+    (tmp_path / "student-scratch" / "results.csv").unlink()
+    assert "not logged" in demo_summary.training_time_line(tmp_path)
