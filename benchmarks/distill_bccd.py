@@ -417,11 +417,12 @@ def summarize(runs: list[dict], teacher: dict, costs: dict | None = None) -> lis
                                         teacher["test_map"]) if scratch_maps and method != SCRATCH else math.nan)
         row["last_test_map"] = [r["last_test_map"] for r in group if "last_test_map" in r]
         row["last_paired_diff"] = _paired(seeds, scratch, "last_test_map") if method != SCRATCH else []
-        scratch_rate = mean_spread([r["images_s"] for r in scratch.values()])[0] if scratch else math.nan
-        row["time_vs_scratch"] = scratch_rate / row["images_s"] if row["images_s"] else math.nan
-        row["time_from"] = "runs"
         if costs.get(method) and costs.get(SCRATCH):
             row["time_vs_scratch"], row["time_from"] = costs[SCRATCH] / costs[method], "cost runs"
+        else:
+            scratch_rate = mean_spread([r["images_s"] for r in scratch.values()])[0] if scratch else math.nan
+            row["time_vs_scratch"] = scratch_rate / row["images_s"] if row["images_s"] else math.nan
+            row["time_from"] = "runs"
         rows.append(row)
     order = [SCRATCH, *METHODS]
     return sorted(rows, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
