@@ -32,16 +32,16 @@ step() { printf '\n== %s\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
 
 if [ -z "$TEACHER" ]; then
   step "1/7 teacher (gelan-t) from scratch" \
-    $PY train.py --cfg $TEACHER_CFG --hyp hyp/hyp.demo.yaml --epochs "$TEACHER_EPOCHS" --name teacher "${common[@]}"
+    $PY train.py --cfg $TEACHER_CFG --hyp hyp/hyp.scratch-high.yaml --epochs "$TEACHER_EPOCHS" --name teacher "${common[@]}"
 else
   step "1/7 teacher: the shipped $TEACHER" mkdir -p "$RUNS/teacher/weights"
   cp "$TEACHER" "$RUNS/teacher/weights/best.pt"
 fi
 step "2/7 student (yolov9-tiny) distilled from the teacher" \
-  $PY train_distill.py --cfg $STUDENT_CFG --teacher "$RUNS/teacher/weights/best.pt" --hyp hyp/hyp.demo-distill.yaml \
+  $PY train_distill.py --cfg $STUDENT_CFG --teacher "$RUNS/teacher/weights/best.pt" --hyp hyp/hyp.distill.yaml \
   --epochs "$STUDENT_EPOCHS" --name student-distill "${common[@]}"
 step "3/7 the same student from scratch, same epochs and seed" \
-  $PY train.py --cfg $STUDENT_CFG --hyp hyp/hyp.demo.yaml --epochs "$STUDENT_EPOCHS" --name student-scratch \
+  $PY train.py --cfg $STUDENT_CFG --hyp hyp/hyp.scratch-high.yaml --epochs "$STUDENT_EPOCHS" --name student-scratch \
   "${common[@]}"
 for run in teacher student-distill student-scratch; do
   step "4/7 validate $run" \

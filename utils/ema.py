@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.optim import AUTO
 
 DEFAULT_DECAY = 0.9999
 DEFAULT_TAU = 2000
@@ -20,26 +21,43 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
 
-def ema_settings(hyp: dict, updates_per_epoch: float) -> tuple[float, float]:
-    """``(decay, tau)`` of the weight average from the hyp file.
+AUTO_SMALL_EPOCHS = 3  # ema auto on a small set: average about the last 3 epochs
+AUTO_MAX_EPOCHS = 10  # ema auto keeps YOLO's EMA while its horizon (1 / (1 - decay) updates) spans at most this
 
-    ``ema_epochs: N`` (optional) averages over about the last N epochs whatever the data set size:
-    ``decay = 1 - 1 / (N * updates_per_epoch)`` and the ramp ``tau`` = one epoch of updates. At COCO
-    scale (about 1,850 updates per epoch) N = 5 gives YOLOv9's 0.9999 / 2000; on a 200-image set at
-    batch 16 (3 updates per epoch) YOLOv9's values would average nothing, since the ramp alone needs
-    thousands of updates. Without ``ema_epochs``: ``ema_decay`` / ``ema_tau`` (YOLOv9's defaults).
+
+def ema_choice(hyp: dict, updates_per_epoch: float) -> tuple[float, float, str]:
+    """``(decay, tau, reason)`` of the weight average.
+
+    - ``ema_epochs: N`` averages over about the last N epochs whatever the data set size:
+      ``decay = 1 - 1 / (N * updates_per_epoch)`` and the ramp ``tau`` = one epoch of updates.
+    - ``ema_decay`` / ``ema_tau`` set YOLO's two numbers directly.
+    - Neither (or ``ema_epochs: auto``): YOLO's 0.9999 / 2000 while their horizon of 10,000 updates
+      spans at most ``AUTO_MAX_EPOCHS`` epochs (1,000 updates per epoch: 64,000 images at nbs 64;
+      COCO has 1,850); on a smaller set it would average over hundreds of epochs and its ramp of 2,000
+      updates would outlast a short run, so the average spans the last ``AUTO_SMALL_EPOCHS`` epochs.
     """
-    epochs = hyp.get("ema_epochs")
-    if epochs is None:
+    epochs = hyp.get("ema_epochs", AUTO)
+    explicit = "ema_decay" in hyp or "ema_tau" in hyp
+    updates = max(float(updates_per_epoch), 1.0)
+    if epochs in (AUTO, None) and explicit:
         decay, tau = hyp.get("ema_decay", DEFAULT_DECAY), hyp.get("ema_tau", DEFAULT_TAU)
         for key, value, low, high in (("ema_decay", decay, 0.0, 1.0), ("ema_tau", tau, 1e-9, math.inf)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise UserError(f"hyp key '{key}' must be a number in [{low}, {high}], got {value!r}")
-        return float(decay), float(tau)
+        return float(decay), float(tau), "ema_decay / ema_tau from the hyp file"
+    if epochs in (AUTO, None):
+        yolo_epochs = 1.0 / (1.0 - DEFAULT_DECAY) / updates
+        if yolo_epochs <= AUTO_MAX_EPOCHS:
+            return DEFAULT_DECAY, float(DEFAULT_TAU), (f"YOLO's decay {DEFAULT_DECAY} and ramp {DEFAULT_TAU} "
+                                                       f"span {yolo_epochs:.1f} epochs of {updates:.0f} updates")
+        epochs = AUTO_SMALL_EPOCHS
+        reason = (f"YOLO's decay {DEFAULT_DECAY} would span {yolo_epochs:.0f} epochs of {updates:.0f} updates; "
+                  f"averaging the last {epochs} epochs instead")
+    else:
+        reason = f"ema_epochs {epochs} from the hyp file"
     if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0:
-        raise UserError(f"hyp key 'ema_epochs' must be a positive number of epochs or null, got {epochs!r}")
-    updates = max(float(updates_per_epoch), 1.0)
-    return 1.0 - 1.0 / max(epochs * updates, 1.0 + 1e-9), updates
+        raise UserError(f"hyp key 'ema_epochs' must be a positive number of epochs or auto, got {epochs!r}")
+    return 1.0 - 1.0 / max(epochs * updates, 1.0 + 1e-9), updates, reason
 
 
 class ModelEMA:

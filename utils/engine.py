@@ -23,14 +23,14 @@ from utils.data_config import load_data_config
 from utils.datasets import close_mosaic, create_dataloader
 from utils.device import dist_info, rng_state, seed_everything, select_device, set_rng_state
 from utils.distill import DistillConfig, DistillStudent
-from utils.ema import ModelEMA, ema_settings, unwrap
+from utils.ema import ModelEMA, ema_choice, unwrap
 from utils.errors import UserError
 from utils.evaluate import evaluate
 from utils.log import LOGGER
 from utils.loss import DetectionLoss, DistillationLoss
 from utils.metrics import fitness
-from utils.optim import (accumulate_steps, apply_warmup, build_optimizer, lr_lambda, nominal_batch,
-                         scaled_weight_decay, warmup_accumulate, warmup_iterations)
+from utils.optim import (AUTO, accumulate_steps, apply_warmup, auto_nominal_batch, build_optimizer, lr_lambda,
+                         nominal_batch, scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.paths import increment_path
 from utils.run_logger import RunLogger
 from utils.train_setup import (build_model, file_sha256, find_resume_checkpoint, freeze_layers, load_hyp,
@@ -77,7 +77,6 @@ class Trainer:
             raise UserError(f"--batch {opt.batch} is smaller than the number of processes {self.dist.world_size}")
         if opt.epochs < 1:
             raise UserError("--epochs must be at least 1")
-        self.nbs = nominal_batch(self.hyp)  # images per optimizer step (hyp nbs, 64 when absent)
 
         if self.resume_ckpt is not None:
             self.save_dir = Path(opt.resume).resolve().parents[1]
@@ -90,8 +89,6 @@ class Trainer:
             self.weights_dir.mkdir(parents=True, exist_ok=True)
             with open(self.save_dir / "opt.yaml", "w") as f:
                 yaml.safe_dump({k: v for k, v in vars(opt).items()}, f, sort_keys=False)
-            with open(self.save_dir / "hyp.yaml", "w") as f:
-                yaml.safe_dump(self.hyp, f, sort_keys=False)
 
         self.amp_dtype = resolve_amp(opt.amp, self.device)
         model = build_model(opt, self.data["nc"], self.data["names"])
@@ -109,13 +106,16 @@ class Trainer:
             self.teacher = load_teacher(opt.teacher, self.data["names"], self.device, teacher_dtype)
             LOGGER.info(f"teacher {opt.teacher} in {str(teacher_dtype).removeprefix('torch.')} on {self.device}")
             self.teacher_sha256 = file_sha256(opt.teacher)
+            self._check_resumed_teacher()
         self._build_data()
+        self._resolve_auto_settings()
         self._build_loss()
         self._build_optimizer()
         self.ema = None
         if self.dist.is_main:
-            decay, tau = ema_settings(self.hyp, self._updates_per_epoch())
-            self.ema = ModelEMA(model, decay=decay, tau=tau)
+            self.ema = ModelEMA(model, decay=self.ema_decay, tau=self.ema_tau)
+            with open(self.save_dir / "hyp.yaml", "w") as f:  # with the values auto settings chose
+                yaml.safe_dump(self.hyp, f, sort_keys=False)
         self.start_epoch, self.best_fitness, self.stale_epochs = 0, 0.0, 0
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
@@ -141,6 +141,32 @@ class Trainer:
             self.val_loader, _ = create_dataloader(
                 self.data["val"], opt.img, max(opt.batch // world * 2, 1), stride, hyp=self.hyp, augment=False,
                 cache=opt.cache, rect=True, workers=opt.workers, shuffle=False, seed=opt.seed, nc=self.data["nc"])
+
+    def _check_resumed_teacher(self) -> None:
+        """A resumed distillation must go on with the teacher it started with (same bytes)."""
+        if self.resume_ckpt is None:
+            return
+        recorded = ((self.resume_ckpt.get("extra") or {}).get("teacher") or {})
+        if recorded.get("sha256") and recorded["sha256"] != self.teacher_sha256:
+            raise UserError(f"--resume: the teacher {self.opt.teacher} is not the one this run started with "
+                            f"({recorded.get('path', '?')}, SHA-256 {recorded['sha256'][:12]}...): a different "
+                            f"teacher would silently change the run; give the original file or start a new run")
+
+    def _resolve_auto_settings(self) -> None:
+        """The nominal batch and the weight average chosen from the training set's size when the hyp
+        says ``auto`` or nothing (utils.optim.auto_nominal_batch, utils.ema.ema_choice); logged once
+        with the reason, and written into the hyp (hyp.yaml, checkpoints) so a resume repeats them."""
+        images, batch = len(self.train_set), self.opt.batch
+        if self.hyp.get("nbs", AUTO) in (AUTO, None):
+            self.hyp["nbs"], reason = auto_nominal_batch(images, batch)
+            LOGGER.info(f"nbs {self.hyp['nbs']} (auto): {reason}")
+        self.nbs = nominal_batch(self.hyp)  # images per optimizer step
+        auto_ema = self.hyp.get("ema_epochs", AUTO) in (AUTO, None)
+        self.ema_decay, self.ema_tau, reason = ema_choice(self.hyp, self._updates_per_epoch())
+        if auto_ema and not ("ema_decay" in self.hyp or "ema_tau" in self.hyp):
+            self.hyp.pop("ema_epochs", None)
+            self.hyp.update(ema_decay=self.ema_decay, ema_tau=self.ema_tau)
+            LOGGER.info(f"ema decay {self.ema_decay:.6g}, ramp {self.ema_tau:.6g} updates (auto): {reason}")
 
     def _build_loss(self) -> None:
         self.detection_loss = DetectionLoss(self.model, self.hyp)
@@ -180,7 +206,7 @@ class Trainer:
         DistributedDataParallel fixes its parameter set when it is built, so the wrapper is rebuilt
         whenever that set changes: KD switching off (stop epoch) or the backbone (un)freezing.
         """
-        kd_on = self.distill_loss is not None and self.distill_loss.weight(epoch, self.opt.epochs) > 0
+        kd_on = self.distill_loss is not None and self.distill_loss.active(epoch, self.opt.epochs)
         state = (kd_on, tuple(p.requires_grad for p in self.model.parameters()))
         if state == self._wrapped_as:
             return
@@ -276,30 +302,35 @@ class Trainer:
             except Exception as exc:  # a plot must never stop training
                 LOGGER.warning(f"label plot skipped: {exc}")
 
-    def _forward_loss(self, imgs: torch.Tensor, targets: torch.Tensor, epoch: int):
+    def _forward_loss(self, imgs: torch.Tensor, targets: torch.Tensor, epoch: int, step: float):
+        """Loss of one batch; ``step`` is the nominal optimizer steps taken (the KD warm-up's clock)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             if self.distill_loss is None:
                 preds = self.train_model(imgs)
                 return self.detection_loss(preds, targets)
             epochs = self.opt.epochs
-            if self.distill_loss.weight(epoch, epochs) == 0:  # no KD this epoch: the teacher is not run
+            if not self.distill_loss.active(epoch, epochs):  # no KD this epoch: the teacher is not run
                 return self.distill_loss(self.train_model(imgs), None, targets, epoch=epoch, epochs=epochs)
             student = self.train_model(imgs)  # DistillStudent: maps, connected features, CrossKD maps
-            teacher_out, teacher_feats = self._teacher_forward(imgs)
+        teacher_out, teacher_feats = self._teacher_forward(imgs)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
             return self.distill_loss(student.preds, teacher_out, targets, student.feats, teacher_feats,
-                                     student.cross, epoch=epoch, epochs=epochs)
+                                     student.cross, epoch=epoch, epochs=epochs, step=step)
 
     @torch.no_grad()
     def _teacher_forward(self, imgs: torch.Tensor):
-        """The teacher on the same augmented batch (resized to --teacher-img when set), in its dtype."""
+        """The teacher on the same augmented batch (resized to --teacher-img when set), in its own dtype
+        (distill_teacher_dtype): outside the student's autocast, which would recast it."""
         teacher_img = getattr(self.opt, "teacher_img", 0)
         if teacher_img and teacher_img != imgs.shape[-1]:
             imgs = F.interpolate(imgs, size=(teacher_img, teacher_img), mode="bilinear", align_corners=False)
         imgs = imgs.to(next(self.teacher.parameters()).dtype, memory_format=teacher_memory_format(self.device))
-        if self.distill_loss.uses_features:
-            return self.teacher(imgs, feature_layers=self.teacher_layers)
-        return self.teacher(imgs), None
+        with torch.autocast(self.device.type, enabled=False):
+            if self.distill_loss.uses_features:
+                return self.teacher(imgs, feature_layers=self.teacher_layers)
+            return self.teacher(imgs), None
 
     def train_one_epoch(self, epoch: int, nb: int) -> dict[str, float]:
         """One pass over the training data; returns the mean of each loss term and images/s."""
@@ -335,7 +366,7 @@ class Trainer:
             if epoch == self.start_epoch and i < PLOT_TRAIN_BATCHES and self.dist.is_main and not opt.noplots:
                 self._plot_batch(imgs, targets, paths, i)
 
-            loss, items = self._forward_loss(imgs, targets, epoch)
+            loss, items = self._forward_loss(imgs, targets, epoch, step=ni * opt.batch / self.nbs)
             if self.dist.distributed:
                 loss = loss * self.dist.world_size  # DDP averages gradients over processes
             self.scaler.scale(loss).backward()

@@ -18,16 +18,43 @@ OPTIMIZERS = ("SGD", "Adam", "AdamW")
 _NORM_TYPES = tuple(cls for name, cls in vars(nn).items() if "Norm" in name and isinstance(cls, type))
 
 
-def nominal_batch(hyp: Mapping) -> int:
-    """The hyp's ``nbs``: images per optimizer step that gradients are accumulated to (64 when absent).
+AUTO = "auto"  # hyp value (or an absent key) that lets the tool choose from the data set's size
+MIN_STEPS_PER_EPOCH = 50  # auto nbs: a smaller set lowers the nominal batch to keep this many steps
 
-    At 64 a 200-image set at batch 16 gets about 3 optimizer steps per epoch; ``nbs: 16`` makes every
-    batch of 16 a step (4x the steps for the same images), with weight decay scaled to match.
+
+def nominal_batch(hyp: Mapping, images: int | None = None, batch_size: int | None = None) -> int:
+    """The hyp's ``nbs``: images per optimizer step that gradients are accumulated to.
+
+    ``nbs: auto`` (or no ``nbs`` key) chooses it from the training set (:func:`auto_nominal_batch`);
+    without ``images`` and ``batch_size`` it is YOLO's 64.
     """
-    value = hyp.get("nbs", NOMINAL_BATCH)
+    value = hyp.get("nbs", AUTO)
+    if value == AUTO or value is None:
+        if images is None or batch_size is None:
+            return NOMINAL_BATCH
+        return auto_nominal_batch(images, batch_size)[0]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"hyp key 'nbs' (nominal batch size) must be a positive integer, got {value!r}")
+        raise UserError(f"hyp key 'nbs' (nominal batch size) must be a positive integer or auto, got {value!r}")
     return value
+
+
+def auto_nominal_batch(images: int, batch_size: int) -> tuple[int, str]:
+    """``nbs`` for ``nbs: auto`` and the reason, in one line.
+
+    YOLO's 64 images per optimizer step while that leaves at least ``MIN_STEPS_PER_EPOCH`` steps per
+    epoch (3,200 training images and more: COCO, most public sets). A smaller set gets the largest
+    multiple of the batch, at most 64, that keeps that many steps, and at least one batch per step:
+    at 64 a 200-image set would take about 3 steps per epoch, too few for SGD to converge in a
+    schedule of tens of epochs. The scale is the number of steps, so the rule has no data set in it.
+    """
+    if images >= NOMINAL_BATCH * MIN_STEPS_PER_EPOCH:
+        return NOMINAL_BATCH, (f"{images} training images give at least {MIN_STEPS_PER_EPOCH} optimizer steps "
+                               f"per epoch at YOLO's 64")
+    batches_per_step = max(1, min(NOMINAL_BATCH // batch_size, images // (MIN_STEPS_PER_EPOCH * batch_size)))
+    nbs = batches_per_step * batch_size
+    return nbs, (f"{images} training images would give {images / NOMINAL_BATCH:.1f} optimizer steps per epoch "
+                 f"at YOLO's 64; {nbs} gives {images / nbs:.0f} (a set under "
+                 f"{NOMINAL_BATCH * MIN_STEPS_PER_EPOCH} images steps more often)")
 
 
 def accumulate_steps(batch_size: int, nominal: int = NOMINAL_BATCH) -> int:

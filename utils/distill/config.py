@@ -2,11 +2,11 @@
 
 The loss they describe (see :mod:`utils.distill.loss`)::
 
-    L = distill_det_weight * L_det + w(epoch) * (distill_cls * KD_cls + distill_box * KD_box
-                                                 + distill_feat * KD_feat)
+    L = distill_det_weight * L_det + w(epoch, step) * (distill_cls * KD_cls + distill_box * KD_box
+                                                       + distill_feat * KD_feat)
 
 ``distill_det_weight`` is 1 in every recipe but the classic baseline (which trades detection away,
-as it was published); ``w(epoch)`` is the weight schedule of :mod:`utils.distill.schedule`.
+as it was published); ``w(epoch, step)`` is the weight schedule of :mod:`utils.distill.schedule`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ REMOVED_KEYS = {
     "distill_cls_weighting": "class KD weights every anchor by |p_student - p_teacher|^distill_cls_beta",
     "distill_cls_gamma": "see distill_cls_beta",
     "distill_score_threshold": "class KD covers every anchor; box KD uses the assigner's positives",
-    "distill_box_mask": "box KD uses the assigner's positives (distill_box_teacher_score adds teacher weighting)",
+    "distill_box_mask": "box KD weights every anchor by the teacher's confidence",
+    "distill_box_teacher_score": "box KD always weights each anchor by the teacher's confidence (a weighted mean "
+                                 "over the teacher's foreground)",
+    "distill_warmup_fraction": "a warm-up over a fraction of the epochs had a length that changed with the "
+                               "schedule; use distill_warmup_steps (nominal optimizer steps)",
 }
 
 
@@ -57,7 +61,6 @@ class DistillConfig:
     cls_beta: float = 1.0
     temperature: float = 1.0
     box_temperature: float = 1.0
-    box_teacher_score: bool = False
     feat_type: str = "pkd"
     cwd_tau: float = 1.0
     mgd_alpha: float = 1.0
@@ -67,7 +70,7 @@ class DistillConfig:
     det_weight: float = 1.0
     schedule: str = "constant"
     weight_end: float = 0.0
-    warmup_fraction: float = 0.0
+    warmup_steps: int = 0
     stop_epoch: int | str = NEVER
     student_layers: tuple[int, ...] | None = None
     teacher_layers: tuple[int, ...] | None = None
@@ -134,7 +137,7 @@ class DistillConfig:
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"hyp key '{hyp_key(name)}' must be true or false, got {getattr(self, name)!r}")
 
-        for name in ("mgd_ratio", "weight_end", "warmup_fraction"):
+        for name in ("mgd_ratio", "weight_end"):
             number(name, 0.0, 1.0)
         for name in ("cls", "box", "feat", "cls_beta", "mgd_alpha", "det_weight"):
             number(name, 0.0)
@@ -145,15 +148,19 @@ class DistillConfig:
         choice("schedule", SCHEDULES)
         choice("assign", ASSIGNERS)
         choice("teacher_dtype", TEACHER_DTYPES)
-        for name in ("box_teacher_score", "crosskd"):
-            flag(name)
+        flag("crosskd")
+        if 0 < self.cls_beta < 1:  # d|x|^beta/dx is infinite at x = 0 (student equals teacher): NaN gradients
+            raise UserError(f"hyp key 'distill_cls_beta' must be 0 or at least 1, got {self.cls_beta!r} "
+                            f"(|p_s - p_t|^beta with 0 < beta < 1 has an infinite gradient where they agree)")
         stop = self.stop_epoch
-        if stop != STOP_AT_CLOSE_MOSAIC and (isinstance(stop, bool) or not isinstance(stop, int)):
-            raise UserError(f"hyp key 'distill_stop_epoch' must be an epoch number, -1 (never) or "
+        if stop != STOP_AT_CLOSE_MOSAIC and (isinstance(stop, bool) or not isinstance(stop, int)
+                                             or (stop <= 0 and stop != NEVER)):
+            raise UserError(f"hyp key 'distill_stop_epoch' must be an epoch number >= 1, -1 (never) or "
                             f"'{STOP_AT_CLOSE_MOSAIC}', got {stop!r}")
-        freeze = self.freeze_backbone_epochs
-        if isinstance(freeze, bool) or not isinstance(freeze, int) or freeze < 0:
-            raise UserError(f"hyp key 'freeze_backbone_epochs' must be a non-negative integer, got {freeze!r}")
+        for name in ("freeze_backbone_epochs", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"hyp key '{hyp_key(name)}' must be a non-negative integer, got {value!r}")
         if self.crosskd and not self.uses_logits:
             raise UserError("hyp key 'distill_crosskd' is true but distill_cls and distill_box are 0: "
                             "CrossKD distils the head's outputs, give one of them a weight")

@@ -32,20 +32,24 @@ class CrossKDHead(nn.Module):
 
     Args:
         student_head, teacher_head: DDetect / DualDDetect heads with the same number of levels.
+        box, cls: which halves are distilled (their KD weight > 0). Only those get connectors: a
+            connector whose output no loss reads would have no gradient, which DDP refuses.
 
     ``capture(student)`` is a context manager that records the hidden features during one student
     forward; ``forward(hidden) -> list[Tensor[B, 4 * reg_max + nc, H_i, W_i]]`` gives the cross-head
-    maps in the layout of the head's raw maps, in float32.
+    maps in the layout of the head's raw maps, in float32 (zeros in a half that is not distilled).
     """
 
-    def __init__(self, student_head: nn.Module, teacher_head: nn.Module) -> None:
+    def __init__(self, student_head: nn.Module, teacher_head: nn.Module, box: bool = True, cls: bool = True) -> None:
         super().__init__()
         student_box, student_cls = main_branch(student_head)
         teacher_box, teacher_cls = main_branch(teacher_head)
         self.box_connectors = nn.ModuleList(
-            FeatureAdapter(s[-1].in_channels, t[-1].in_channels) for s, t in zip(student_box, teacher_box))
+            FeatureAdapter(s[-1].in_channels, t[-1].in_channels) for s, t in zip(student_box, teacher_box)
+        ) if box else None
         self.cls_connectors = nn.ModuleList(
-            FeatureAdapter(s[-1].in_channels, t[-1].in_channels) for s, t in zip(student_cls, teacher_cls))
+            FeatureAdapter(s[-1].in_channels, t[-1].in_channels) for s, t in zip(student_cls, teacher_cls)
+        ) if cls else None
         # A plain list: the teacher's convs are neither registered (not trained, not saved) nor copied.
         self._teacher_final = [(t_box[-1], t_cls[-1]) for t_box, t_cls in zip(teacher_box, teacher_cls)]
 
@@ -72,13 +76,19 @@ class CrossKDHead(nn.Module):
     def forward(self, hidden: dict[str, list]) -> list[torch.Tensor]:
         maps = []
         for level, (box_conv, cls_conv) in enumerate(self._teacher_final):
-            box_in = self.box_connectors[level](hidden["box"][level]).float()
-            cls_in = self.cls_connectors[level](hidden["cls"][level]).float()
-            box = F.conv2d(box_in, box_conv.weight.detach().float(), _float(box_conv.bias), groups=box_conv.groups)
-            cls = F.conv2d(cls_in, cls_conv.weight.detach().float(), _float(cls_conv.bias), groups=cls_conv.groups)
+            box = _through_teacher(self.box_connectors, level, hidden["box"][level], box_conv)
+            cls = _through_teacher(self.cls_connectors, level, hidden["cls"][level], cls_conv)
             maps.append(torch.cat((box, cls), 1))
         return maps
 
 
-def _float(bias: torch.Tensor | None) -> torch.Tensor | None:
-    return None if bias is None else bias.detach().float()
+def _through_teacher(connectors: nn.ModuleList | None, level: int, hidden: torch.Tensor,
+                     conv: nn.Conv2d) -> torch.Tensor:
+    """The student's hidden map of one level through its connector and the teacher's final conv
+    ``[B, conv.out_channels, H, W]`` (float32); zeros when this half has no connectors."""
+    if connectors is None:
+        batch, _, height, width = hidden.shape
+        return hidden.new_zeros((batch, conv.out_channels, height, width), dtype=torch.float32)
+    features = connectors[level](hidden).float()
+    bias = None if conv.bias is None else conv.bias.detach().float()
+    return F.conv2d(features, conv.weight.detach().float(), bias, groups=conv.groups)

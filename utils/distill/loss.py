@@ -1,23 +1,33 @@
-"""DistillationLoss: the detection loss, whole, plus weighted KD terms normalised like it.
+"""DistillationLoss: the detection loss, whole, plus weighted KD terms normalised by the teacher.
 
 For one batch of B images::
 
-    L = B * (det_weight * L_det + w(epoch) * (lambda_cls * KD_cls + lambda_box * KD_box + lambda_feat * KD_feat))
+    L = B * (det_weight * L_det + w(epoch, step) * (lambda_cls * KD_cls + lambda_box * KD_box
+                                                    + lambda_feat * KD_feat))
 
 - ``L_det``: the student's own detection loss (box + cls + dfl), exactly as in plain training.
 - ``KD_cls``: binary KD (:func:`~utils.distill.terms.binary_kd`) summed over all anchors and classes,
-  divided by the student's ``target_scores_sum`` (the normaliser of the detection cls term); or
+  divided by the teacher's foreground mass ``M = sum over anchors and classes of sigmoid(z_t)``; or
   softmax KL over classes, averaged over anchors (the classic recipe, as published).
-- ``KD_box``: LD (:func:`~utils.distill.terms.dfl_kd`) on the assigner's positives, weighted by the
-  target scores (optionally times the teacher's score), divided by ``target_scores_sum``: the DFL
-  term's own mask and normaliser.
+- ``KD_box``: LD (:func:`~utils.distill.terms.dfl_kd`) averaged over all anchors, each weighted by the
+  teacher's confidence ``q_t = max over classes of sigmoid(z_t)`` (a weighted mean: divided by the sum
+  of ``q_t``).
+
+Why the teacher's mass: it does not depend on the student's predictions, so a KD weight means the
+same at the first step and the last, at 40 epochs and at 400, on large objects and small. The
+student's own ``target_scores_sum`` (the detection loss's normaliser) grows with the student's IoUs,
+about fivefold over a run, which made KD a hidden schedule. The teacher's mass is what that
+normaliser would be for a student as good as the teacher (on BCCD the two agree within 2%), so the
+weights keep their scale: about the detection gain of the same kind times a few. Both are per-batch
+sums over the same anchors as their numerators, so crowded and sparse images weigh alike, and under
+DDP each process normalises its own batch, as the detection loss does.
 - ``KD_feat``: a feature term on the distilled layers (PKD, CWD, MGD, MSE, AT), mean over levels.
 - With CrossKD, KD_cls and KD_box compare the cross-head maps (student features through the
   teacher's last convs) instead of the student's own maps.
 - With ``distill_assign: teacher`` (label assignment distillation, Nguyen et al., 2022) the assigner
   of ``L_det`` ranks anchors by the teacher's scores and boxes instead of the student's, so the
   student's positives and soft targets are the ones the teacher's predictions give; the box and DFL
-  terms still regress to the ground-truth boxes, and KD_box uses those positives.
+  terms still regress to the ground-truth boxes. It acts whenever the teacher does, whatever ``w``.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import torch
 from torch import nn
 
 from models.heads import branch_maps, flatten_maps
-from utils.distill.config import DistillConfig
+from utils.distill.config import NEVER, DistillConfig
 from utils.distill.connectors import DistillModules, FeatureAdapter
 from utils.distill.crosskd import CrossKDHead
 from utils.distill.schedule import (backbone_end, backbone_frozen, distill_weight_at, resolve_stop_epoch,
@@ -37,6 +47,8 @@ from utils.distill.terms import FEATURE_LOSSES, NEEDS_CONNECTOR, REG_MAX, binary
 from utils.errors import UserError
 from utils.log import LOGGER
 
+# The teacher's foreground mass is clamped here: a batch where it sees nothing gives a mean, not a blow-up.
+MIN_TEACHER_MASS = 1.0
 PROBE_STRIDES = 2  # the channel probe runs on an image of 2 x the largest stride (small, valid)
 ITEM_KEYS = ("box", "cls", "dfl", "distill/cls", "distill/box", "distill/feat", "distill/total")
 
@@ -125,7 +137,8 @@ class DistillationLoss(nn.Module):
                 needed = c_student != c_teacher or config.feat_type in NEEDS_CONNECTOR
                 adapters.append(FeatureAdapter(c_student, c_teacher, needed))
                 feature_losses.append(FEATURE_LOSSES[config.feat_type](c_teacher, **options.get(config.feat_type, {})))
-        cross = CrossKDHead(student_model.head, teacher_model.head) if config.crosskd else None
+        cross = (CrossKDHead(student_model.head, teacher_model.head, box=config.box > 0, cls=config.cls > 0)
+                 if config.crosskd else None)
         self.modules_ = DistillModules(adapters, feature_losses, cross)
         self._backbone_frozen = False
         self.to(next(student_model.parameters()).device)
@@ -140,14 +153,23 @@ class DistillationLoss(nn.Module):
         """The modules the optimiser trains next to the student (connectors, MGD, CrossKD)."""
         return nn.ModuleList([self.modules_])
 
-    def weight(self, epoch: float, epochs: int) -> float:
-        """``w(epoch)``: the KD weight factor (0 when no term has a weight or after the stop epoch)."""
+    def active(self, epoch: float, epochs: int) -> bool:
+        """Whether the teacher takes part in ``epoch``: some KD term or its assignment is on, and the
+        stop epoch has not come. When False the engine does not run the teacher at all."""
         config = self.config
         if not config.active:
-            return 0.0
+            return False
         stop = resolve_stop_epoch(config.stop_epoch, epochs, self.close_mosaic)
-        return distill_weight_at(epoch, epochs, config.schedule, config.weight_end, stop,
-                                 config.warmup_fraction)
+        return not 0 < stop <= epoch
+
+    def weight(self, epoch: float, epochs: int, step: float | None = None) -> float:
+        """``w(epoch, step)``: the KD weight factor (0 when the teacher is not active); ``step`` is the
+        number of nominal optimizer steps taken (images seen / nbs), None for "past any warm-up"."""
+        config = self.config
+        if not self.active(epoch, epochs):
+            return 0.0
+        return distill_weight_at(epoch, epochs, config.schedule, config.weight_end, NEVER,
+                                 config.warmup_steps, step)
 
     def on_epoch_start(self, student_model: nn.Module, epoch: int, epochs: int) -> None:
         """Engine hook: train mode for the distillation modules, and the two-stage backbone freeze.
@@ -172,18 +194,20 @@ class DistillationLoss(nn.Module):
                 student_feats: Sequence[torch.Tensor] | None = None,
                 teacher_feats: Sequence[torch.Tensor] | None = None,
                 cross_maps: Sequence[torch.Tensor] | None = None,
-                epoch: float = 0, epochs: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                epoch: float = 0, epochs: int = 1,
+                step: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one batch.
 
         Args:
             student_out: the student head's train output (dual heads: the main branch is distilled).
             teacher_out: the teacher head's output, train or eval (dual: main branch), on the same
-                grid as the student's. May be None when :meth:`weight` is 0 (the teacher is skipped).
+                grid as the student's. May be None when :meth:`active` is False (the teacher is skipped).
             targets: ``Tensor[N, 6]`` (image index, class, cx, cy, w, h normalised).
             student_feats: the student's distilled maps ALREADY through their connectors
                 (``DistillStudent`` does it); teacher_feats: the teacher's; needed for feature KD.
             cross_maps: the CrossKD maps (``DistillStudent``), needed when ``distill_crosskd``.
             epoch, epochs: 0-based (possibly fractional) epoch and the number of epochs.
+            step: nominal optimizer steps taken so far (the KD warm-up's clock); None: past it.
 
         Returns:
             ``loss`` (scalar, times the batch size) and detached ``items``: ``box``, ``cls``, ``dfl``
@@ -191,23 +215,25 @@ class DistillationLoss(nn.Module):
             ``distill/total`` (w times their sum); ``loss / B = det_weight * (box + cls + dfl) + distill/total``.
         """
         config = self.config
-        weight = self.weight(epoch, epochs)
+        active = self.active(epoch, epochs)
+        weight = self.weight(epoch, epochs, step)
         batch_size = branch_maps(student_out)[-1][0].shape[0]
-        if weight > 0 and config.uses_teacher_maps:
-            assign = branch_maps(teacher_out)[-1] if config.teacher_assigns else None
-            det_loss, det_items, main = self._detection_with_targets(student_out, targets, assign)
+        if active and config.teacher_assigns:  # the teacher's assignment (LAD) does not wait for w
+            det_loss, det_items, _ = self._detection_with_targets(student_out, targets,
+                                                                  branch_maps(teacher_out)[-1])
         else:
             det_loss, det_items = self.detection_loss(student_out, targets)
-            main = None
         zero = det_loss.new_zeros(())
         terms = {"cls": zero, "box": zero, "feat": zero}
-        if weight > 0:
+        # computed whenever the teacher ran, also at w = 0 (a warm-up's first step): every trainable
+        # distillation module then takes part in each step's graph, as DistributedDataParallel requires
+        if active:
             with torch.autocast(device_type=det_loss.device.type, enabled=False):
                 if config.uses_logits:
                     source = cross_maps if config.crosskd else branch_maps(student_out)[-1]
                     if source is None:
                         raise ValueError("distill_crosskd is on: pass the cross-head maps (DistillStudent)")
-                    terms.update(self._logit_terms(source, teacher_out, main))
+                    terms.update(self._logit_terms(source, teacher_out))
                 if config.uses_features:
                     terms["feat"] = self._feature_term(student_feats, teacher_feats)
         weighted = {"cls": config.cls * terms["cls"], "box": config.box * terms["box"],
@@ -236,8 +262,8 @@ class DistillationLoss(nn.Module):
             total = items if total is None else total + items
         return total.sum() * branches[-1][0].shape[0], total.detach(), main
 
-    def _logit_terms(self, student_maps: Sequence[torch.Tensor], teacher_out: Any, main: Any) -> dict:
-        """``{'cls', 'box'}`` in float32, normalised by the main branch's ``target_scores_sum``."""
+    def _logit_terms(self, student_maps: Sequence[torch.Tensor], teacher_out: Any) -> dict:
+        """``{'cls', 'box'}`` in float32, normalised by the teacher's foreground (module docstring)."""
         config = self.config
         teacher_maps = [m.detach().float() for m in branch_maps(teacher_out)[-1]]
         student_maps = [m.float() for m in student_maps]
@@ -247,21 +273,18 @@ class DistillationLoss(nn.Module):
         split = (4 * self.reg_max, self.num_classes)
         student_distri, student_scores = flatten_maps(student_maps).split(split, -1)
         teacher_distri, teacher_scores = flatten_maps(teacher_maps).split(split, -1)
-        normaliser = main.target_scores_sum
+        teacher_probs = teacher_scores.sigmoid()  # [B, A, C]
         terms = {}
         if config.cls > 0:
             if config.cls_type == "softmax":
                 terms["cls"] = softmax_kd(student_scores, teacher_scores, config.temperature).mean()
             else:
                 kd = binary_kd(student_scores, teacher_scores, config.cls_beta, config.temperature)
-                terms["cls"] = kd.sum() / normaliser
+                terms["cls"] = kd.sum() / teacher_probs.sum().clamp(min=MIN_TEACHER_MASS)
         if config.box > 0:
-            anchor_weight = main.target_scores.sum(-1) * main.fg_mask  # [B, A], the DFL term's weight
-            if config.box_teacher_score:
-                assigned = main.target_scores.argmax(-1, keepdim=True)
-                anchor_weight = anchor_weight * teacher_scores.sigmoid().gather(-1, assigned).squeeze(-1)
+            confidence = teacher_probs.amax(-1)  # [B, A]
             kd = dfl_kd(student_distri, teacher_distri, self.reg_max, config.box_temperature)
-            terms["box"] = (kd * anchor_weight).sum() / normaliser
+            terms["box"] = (kd * confidence).sum() / confidence.sum().clamp(min=MIN_TEACHER_MASS)
         return terms
 
     def _feature_term(self, student_feats: Sequence[torch.Tensor] | None,

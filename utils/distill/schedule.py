@@ -30,12 +30,13 @@ def resolve_stop_epoch(stop_epoch: int | str, epochs: int, close_mosaic: int = 0
 
 
 def distill_weight_at(epoch: float, epochs: int, schedule: str = "constant", end: float = 0.0,
-                      stop_epoch: int = NEVER, warmup: float = 0.0) -> float:
-    """KD weight factor ``w(epoch)`` in [0, 1].
+                      stop_epoch: int = NEVER, warmup_steps: int = 0, step: float | None = None) -> float:
+    """KD weight factor ``w(epoch, step)`` in [0, 1].
 
     ``constant``: 1; ``linear`` / ``cosine``: from 1 at the first epoch to ``end`` at the last.
-    ``warmup`` (a fraction of ``epochs``) multiplies that by a ramp from 0 at epoch 0 to 1 at
-    epoch ``warmup * epochs``, so the first epoch runs without the teacher.
+    ``warmup_steps`` N > 0 multiplies that by a ramp from 0 to 1 over the first N nominal optimizer
+    steps (``step``: images seen / nominal batch), a length that does not change with the number of
+    epochs or the size of the data set; ``step`` None means "past the warm-up".
     From ``stop_epoch`` on (when it is > 0) the factor is 0: the rest is plain detection training.
     """
     if 0 < stop_epoch <= epoch:
@@ -49,7 +50,7 @@ def distill_weight_at(epoch: float, epochs: int, schedule: str = "constant", end
         weight = end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
         raise ValueError(f"unknown distillation schedule {schedule!r}")
-    ramp = min(epoch / (warmup * epochs), 1.0) if warmup > 0 else 1.0
+    ramp = 1.0 if warmup_steps <= 0 or step is None else min(max(step, 0.0) / warmup_steps, 1.0)
     return ramp * weight
 
 

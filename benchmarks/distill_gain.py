@@ -1,42 +1,39 @@
-"""The distillation proof on BCCD: does a teacher make the student better on every seed, and at what cost?
+"""What distillation buys on a data set: the student distilled from a teacher against the same student
+trained from scratch, on every seed, and at what cost. Any data set (``--data``); BCCD by default.
 
 1. The teacher is trained once by train.py and given with ``--teacher`` (README has its command), or
-   trained here (``--teacher-models``). It is scored on val and test; it must lead the scratch
-   student by ``--min-lead`` (3 points) val mAP50-95, else the report says so and claims nothing.
+   trained here (``--teacher-models``, with ``--teacher-hyp`` and the same ``--hyp-set`` as the students).
+   It is scored on val and test; it must lead the scratch student by ``--min-lead`` (3 points) val
+   mAP50-95, else the report says so and claims nothing.
 2. Per seed, the student (``--student``) is trained by train.py from scratch and by
-   train_distill.py with each method, all with the same epochs, batch, size and seed:
+   train_distill.py with each method, all with the same epochs, batch, size and seed, and with the
+   plain hyp files a user would give (nbs and the weight average chosen by the tool):
    - ``default``: the recipe ``--recipe`` (hyp/hyp.distill.yaml);
    - ``classic``: hyp/hyp.distill-classic.yaml, as published;
-   - ablations of the default: ``crosskd`` (class/box KD through the teacher's final convs),
-     ``pkd`` (+ Pearson feature KD on the neck outputs, weight 4; the default until 2026-12-05),
-     ``teacher-fp32`` (the teacher in fp32 where ``auto`` picks bf16), ``kd-constant`` (KD also in
-     the close-mosaic epochs), ``no-warmup`` (full KD weight from the first epoch, no ramp over
-     the first quarter; ``kd-warmup`` is the default's ramp, the name it was measured under;
-     ``kd-warmup-x2``: the ramp to twice the recipe's KD weights), ``kd-half``,
-     ``kd-x2`` and ``kd-x4`` (every KD weight halved / doubled / quadrupled), ``ld-t1``
-     (LD at temperature 1 instead of 10: sharper box distributions), ``lad`` (the default plus label
+   - variations of the default: ``crosskd`` (class/box KD through the teacher's final convs),
+     ``pkd`` (+ Pearson feature KD on the neck outputs, weight 4), ``teacher-fp32`` (the teacher in
+     fp32 where ``auto`` picks bf16), ``kd-constant`` (KD also in the close-mosaic epochs),
+     ``warmup-300`` (the KD weight ramps in over 300 nominal optimizer steps), ``kd-half`` / ``kd-x2``
+     (every KD weight halved / doubled), ``ld-t1`` (LD at temperature 1 instead of 10), ``lad`` (+ label
      assignment distillation: the detection loss's targets from the teacher's predictions);
    - controls, on the first seed only: ``kd-off`` (all KD weights 0: must reproduce scratch) and
      ``random-teacher`` (the default recipe from an untrained teacher: must not help).
-   ``--hyp-set KEY=VALUE`` changes every run's hyp alike (e.g. ``ema_epochs=3``).
+   ``--hyp-set KEY=VALUE`` changes every run's hyp alike, the teacher's included.
 3. best.pt is chosen on val (every epoch) and scored on test. Reported per seed and as mean +- std:
    test and val mAP50-95 / mAP50, the paired difference to scratch (same seed), the gap closed
    (distilled - scratch) / (teacher - scratch), per-class test AP, training images/s against
    scratch. A gain is claimed only if it is positive on every seed (at least 3) and its mean exceeds
-   twice its std.
-   Beside it, each run's final weights (last.pt, the weight average after the last epoch) are scored
-   on val and test, and its val curve and best epoch are kept: best.pt is the maximum of a noisy val
-   curve over every epoch, so a run whose curve jumps more gets a higher val and a luckier or unluckier
-   test score; last.pt involves no choice at all (a second protocol, reported apart, never mixed).
+   twice its std. Beside it, each run's final weights (last.pt, no choice on val) are scored on val and
+   test (a second protocol, reported apart, never mixed).
 4. ``--cost-batches N`` measures the training cost alone: each method for N batches (after one
    warm-up epoch of N batches), one run at a time, images/s against scratch.
 
-    python -m benchmarks.distill_bccd --teacher weights/gelan-t-bccd256.pt --epochs 40 --img 256 \\
-        --close-mosaic 10 --hyp-set ema_epochs=3 --jobs 2 --reuse      # the README proof
-    python -m benchmarks.distill_bccd --dry-run                        # CPU check, synthetic set
+    python -m benchmarks.distill_gain --data my.yaml --teacher runs/train/teacher/weights/best.pt \
+        --epochs 80 --img 640 --reuse                                   # what KD buys on my data
+    python -m benchmarks.distill_gain --dry-run                          # CPU check, synthetic set
 Results (JSON and a markdown table) are written after every run; ``--reuse`` continues an
-interrupted benchmark, keeping every finished run that trained the same thing (command, hyp values and
-teacher bytes; see ``recorded_run``), also under another method name.
+interrupted benchmark, keeping every finished run that trained the same thing (command, hyp values
+after the tool's automatic choices, and teacher bytes; see ``recorded_run``).
 """
 
 from __future__ import annotations
@@ -49,9 +46,6 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-if __package__ in (None, ""):  # started as `python benchmarks/distill_bccd.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml
 
@@ -80,16 +74,11 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "classic": ("hyp.distill-classic.yaml", {}),
     "crosskd": (None, {"distill_crosskd": True}),
     "pkd": (None, {"distill_feat": 4.0}),  # + PKD on the P3-P5 neck outputs
-    "no-pkd": (None, {"distill_feat": 0.0}),  # no PKD, as the default since 2026-12-05; kept for the older commands
     "teacher-fp32": (None, {"distill_teacher_dtype": "fp32"}),
     "kd-constant": (None, {"distill_stop_epoch": -1}),  # KD also after mosaic closes
-    "kd-warmup": (None, {"distill_warmup_fraction": 0.25}),  # the default since 2026-12-05 (for older commands)
-    "no-warmup": (None, {"distill_warmup_fraction": 0.0}),  # full KD weight from the first epoch (the earlier default)
-    "kd-warmup-x2": (None, {"distill_warmup_fraction": 0.25, KD_SCALE: 2.0}),  # ... to twice the KD weights
-    "kd-warmup-half": (None, {"distill_warmup_fraction": 0.5}),  # the ramp over half the epochs
+    "warmup-300": (None, {"distill_warmup_steps": 300}),  # the KD weight ramps in over 300 nominal steps
     "kd-half": (None, {KD_SCALE: 0.5}),  # every KD weight of the recipe halved
     "kd-x2": (None, {KD_SCALE: 2.0}),  # every KD weight of the recipe doubled
-    "kd-x4": (None, {KD_SCALE: 4.0}),
     "ld-t1": (None, {"distill_box_temperature": 1.0}),
     "lad": (None, {"distill_assign": "teacher"}),  # + the teacher's label assignment (LAD)
     "kd-off": (None, NO_KD),
@@ -107,7 +96,7 @@ VAL_MAP50_COLUMN = "metrics/mAP_0.5"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = training_parser(__doc__, EPOCHS, "distill_bccd")
+    parser = training_parser(__doc__, EPOCHS, "distill_gain")
     add = parser.add_argument
     add("--teacher", default="", help="a trained teacher checkpoint (else one is trained here)")
     add("--teacher-models", nargs="+", default=["gelan-t"], help="teacher to train when --teacher is not given")
@@ -115,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--teacher-hyp", default="hyp.scratch-high.yaml", help="hyp of a teacher trained here")
     add("--student", default="yolov9-tiny", help="student model name or yaml path")
     add("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="seeds (one run per method and seed)")
-    add("--methods", nargs="+", default=[SCRATCH, *METHODS], help=f"methods to run: {SCRATCH} {' '.join(METHODS)}")
+    add("--methods", nargs="+", default=[SCRATCH, DEFAULT], help=f"methods to run: {SCRATCH} {' '.join(METHODS)}")
     add("--recipe", default="hyp.distill.yaml", help="the distillation recipe of 'default' and the ablations")
     add("--scratch-hyp", default="hyp.scratch-high.yaml", help="hyp of the students trained from scratch")
     add("--hyp-set", nargs="*", default=[], metavar="KEY=VALUE", help="set a hyp key in every run (yaml value)")
@@ -153,7 +142,7 @@ def write_hyp(folder: Path, name: str, source: Path, changes: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     described = ", ".join(f"{k}={v}" for k, v in changes.items()) or "unchanged"
-    text = f"# {source.name} with {described} (benchmarks/distill_bccd.py)\n" + yaml.safe_dump(hyp, sort_keys=False)
+    text = f"# {source.name} with {described} (benchmarks/distill_gain.py)\n" + yaml.safe_dump(hyp, sort_keys=False)
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
     return path
@@ -215,8 +204,10 @@ def prepare_teacher(runner: Runner, opt: argparse.Namespace, settings: TrainSett
     else:
         model = opt.teacher_models[0]
         teacher_settings = TrainSettings(**{**vars(settings), "epochs": opt.teacher_epochs})
-        run = runner.train(f"teacher-{Path(model).stem}-s{opt.seeds[0]}", model_cfg(model),
-                           hyp_file(opt.teacher_hyp), opt.seeds[0], teacher_settings)
+        hyp = write_hyp(runner.work / "hyp", "teacher", hyp_file(opt.teacher_hyp, "--teacher-hyp"),
+                        parse_hyp_set(opt.hyp_set))  # the students' --hyp-set, so the rules are the same
+        run = runner.train(f"teacher-{Path(model).stem}-s{opt.seeds[0]}", model_cfg(model), hyp, opt.seeds[0],
+                           teacher_settings)
         teacher = {"label": Path(model).stem, **run, "trained_here": True, "images_s": train_rate(run["dir"])}
     for task in ("val", "test"):
         metrics = runner.validate(teacher["best"], settings, task, Path(teacher["dir"]))
@@ -242,18 +233,56 @@ def run_identity(runner: Runner, opt: argparse.Namespace, settings: TrainSetting
 
     command = runner.train_command(run_name(opt, method, seed), model_cfg(opt.student, "--student"), hyp, seed,
                                    settings, teacher)
-    return {"command": command, "hyp_sha256": file_sha256(hyp), "hyp_values_sha256": hyp_values_sha256(hyp),
+    images = train_images(settings.data)
+    return {"command": command, "hyp_sha256": file_sha256(hyp),
+            "hyp_values_sha256": hyp_values_sha256(hyp, images, settings.batch),
             "teacher_sha256": file_sha256(teacher) if teacher is not None else None}
 
 
-def hyp_values_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a hyp file's values (comments, key order and number spelling aside)."""
+def train_images(data: str | Path) -> int:
+    """The number of training images of a data.yaml (what the tool's automatic settings depend on)."""
+    from utils.data_config import load_data_config
+    from utils.datasets import image_files
+
+    return len(image_files(load_data_config(data)["train"]))
+
+
+def resolved_hyp(hyp: dict, images: int | None = None, batch: int | None = None) -> dict:
+    """``hyp`` with the tool's automatic choices written out the way a user would write them: ``nbs``
+    as a number and the weight average as ``ema_epochs: 3`` or YOLO's ``ema_decay`` / ``ema_tau``
+    (utils.optim.auto_nominal_batch, utils.ema.ema_choice). Two hyp files that train alike resolve alike,
+    so a run recorded with ``nbs: 16, ema_epochs: 3`` is the one a plain hyp file trains on BCCD."""
+    import math
+
+    from utils.ema import AUTO_SMALL_EPOCHS, DEFAULT_DECAY, DEFAULT_TAU, ema_choice
+    from utils.optim import AUTO, accumulate_steps, nominal_batch
+
+    if images is None or batch is None:
+        return dict(hyp)
+    out = dict(hyp)
+    if out.get("nbs", AUTO) in (AUTO, None):
+        out["nbs"] = nominal_batch(out, images, batch)
+    if out.get("ema_epochs", AUTO) in (AUTO, None) and not ("ema_decay" in out or "ema_tau" in out):
+        updates = math.ceil(images / batch) / accumulate_steps(batch, out["nbs"])
+        decay, tau, _ = ema_choice(out, updates)
+        out.pop("ema_epochs", None)
+        if (decay, tau) == (DEFAULT_DECAY, DEFAULT_TAU):
+            out.update(ema_decay=decay, ema_tau=tau)
+        else:  # the small-set choice: about the last epochs
+            out["ema_epochs"] = AUTO_SMALL_EPOCHS
+    return out
+
+
+def hyp_values_sha256(path: str | Path, images: int | None = None, batch: int | None = None) -> str:
+    """Hex SHA-256 of a hyp file's values (comments, key order and number spelling aside), after the
+    automatic choices for ``images`` training images at ``batch`` (see :func:`resolved_hyp`)."""
     import hashlib
     import json
 
     from utils.train_setup import load_hyp
 
-    return hashlib.sha256(json.dumps(load_hyp(path), sort_keys=True).encode()).hexdigest()
+    values = resolved_hyp(load_hyp(path), images, batch)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
 LABEL_FLAGS = ("--name", "--hyp")  # where a run is written and what its hyp file is called: not what it trains
@@ -530,16 +559,16 @@ def main(argv: list[str] | None = None) -> dict:
     settings = TrainSettings.from_args(opt, data, close_mosaic=opt.close_mosaic)
     threads = DRY.threads if opt.dry_run else (max(1, (os.cpu_count() or 1) // opt.jobs) if opt.jobs > 1 else 0)
     runner = Runner(work, reuse=opt.reuse, in_process=opt.in_process and opt.jobs == 1, threads=threads)
-    command = command_line("distill_bccd", argv)
+    command = command_line("distill_gain", argv)
     info = machine_info(opt.device)
-    payload = {"benchmark": "distill_bccd", "dry_run": opt.dry_run, "command": command, "machine": info,
+    payload = {"benchmark": "distill_gain", "dry_run": opt.dry_run, "command": command, "machine": info,
                "settings": {**vars(opt), "data": str(data), "hyps": {k: str(v) for k, v in hyps.items()}},
                "teacher": None, "runs": [], "summary": [], "costs": {}}
     teacher = payload["teacher"] = prepare_teacher(runner, opt, settings)
     teacher_path = Path(teacher["best"])
     untrained = random_teacher(teacher_path, work / "teachers" / "random-teacher.pt")
     lock = threading.Lock()
-    title = (f"Distillation on {'the dry-run synthetic set' if opt.dry_run else 'BCCD'}: student "
+    title = (f"Distillation on {'the dry-run synthetic set' if opt.dry_run else display([str(data)])}: student "
              f"{Path(opt.student).stem}, {opt.epochs} epochs, batch {opt.batch}, {opt.img} px, close-mosaic "
              f"{opt.close_mosaic}, seeds {' '.join(map(str, opt.seeds))}, hyp changes {opt.hyp_set or 'none'}")
 
