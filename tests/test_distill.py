@@ -29,10 +29,9 @@ ATOL = 1e-6
 
 
 def load_hyp(path: Path = HYP, **overrides) -> dict:
-    """A recipe's keys with the KD weight at full strength from epoch 0 (no warmup ramp): these tests
-    call the loss at epoch 0 and are about the terms; the ramp has tests of its own."""
+    """A recipe's keys (the default has no warm-up: w = 1 from the first step) with ``overrides``."""
     hyp = yaml.safe_load(path.read_text())
-    hyp.update({"distill_warmup_fraction": 0.0, **overrides})
+    hyp.update(overrides)
     return hyp
 
 
@@ -153,13 +152,15 @@ def test_weight_schedule(schedule, middle):
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
-def test_warmup_ramps_the_weight_from_zero(schedule):
-    plain = [distill_weight_at(e, 40, schedule) for e in range(40)]
-    ramped = [distill_weight_at(e, 40, schedule, warmup=0.25) for e in range(40)]
-    assert ramped[0] == 0.0  # epoch 0: no KD, so the engine does not run the teacher
-    assert ramped[5] == pytest.approx(0.5 * plain[5]) and ramped[9] == pytest.approx(0.9 * plain[9])
-    assert ramped[10:] == pytest.approx(plain[10:])  # the ramp ends after a quarter of the epochs
-    assert distill_weight_at(35, 40, schedule, stop_epoch=30, warmup=0.25) == 0.0
+def test_warmup_ramps_the_weight_over_nominal_steps_whatever_the_epochs(schedule):
+    for epochs in (40, 160):  # the same ramp in steps at every schedule length
+        assert distill_weight_at(0, epochs, schedule, warmup_steps=100, step=0) == 0.0
+        assert distill_weight_at(0, epochs, schedule, warmup_steps=100, step=50) == pytest.approx(0.5)
+        plain = distill_weight_at(3, epochs, schedule)
+        assert distill_weight_at(3, epochs, schedule, warmup_steps=100, step=100) == pytest.approx(plain)
+        assert distill_weight_at(3, epochs, schedule, warmup_steps=100, step=None) == pytest.approx(plain)
+    assert distill_weight_at(0, 40, schedule, warmup_steps=0, step=0) == 1.0  # no warm-up: full weight at step 0
+    assert distill_weight_at(35, 40, schedule, stop_epoch=30, warmup_steps=100, step=10_000) == 0.0
 
 
 def test_stop_at_close_mosaic_resolves_to_the_closing_epoch():
@@ -171,7 +172,8 @@ def test_stop_at_close_mosaic_resolves_to_the_closing_epoch():
 def test_recipes_parse_and_the_classic_one_is_kept_as_published():
     default = DistillConfig.from_hyp(yaml.safe_load(HYP.read_text()))
     assert default.det_weight == 1.0 and default.cls > 0 and default.box > 0 and default.feat == 0
-    assert default.feat_type == "pkd" and default.teacher_dtype == "auto" and default.warmup_fraction == 0.25
+    assert default.feat_type == "pkd" and default.teacher_dtype == "auto" and default.warmup_steps == 0
+    assert default.schedule == "constant" and default.stop_epoch == "close_mosaic"
     classic = DistillConfig.from_hyp(load_hyp(HYP_CLASSIC))
     # 0.65 * detection + 0.35 * (0.6 softmax-KL T=4 + 0.4 MSE)
     assert classic.det_weight == 0.65 and classic.cls_type == "softmax" and classic.temperature == 4.0
@@ -188,7 +190,10 @@ def test_recipes_parse_and_the_classic_one_is_kept_as_published():
     ("distill_cls_type", "focal", "must be one of"), ("distill_box", -1.0, "must be a number"),
     ("distill_stop_epoch", "soon", "close_mosaic"), ("distill_crosskd", "yes", "true or false"),
     ("distill_assign", "ground_truth", "must be one of"), ("distill_teacher_dtype", "int8", "must be one of"),
-    ("distill_warmup_fraction", 1.5, "must be a number in")])
+    ("distill_warmup_fraction", 0.25, "no longer used.*distill_warmup_steps"),
+    ("distill_box_teacher_score", True, "no longer used"), ("distill_warmup_steps", -1, "non-negative integer"),
+    ("distill_warmup_steps", 0.5, "non-negative integer"), ("distill_cls_beta", 0.5, "0 or at least 1"),
+    ("distill_stop_epoch", 0, "epoch number >= 1"), ("distill_stop_epoch", -3, "epoch number >= 1")])
 def test_bad_settings_raise_user_error(key, value, word):
     with pytest.raises(UserError, match=word):
         DistillConfig.from_hyp(load_hyp(**{key: value}))
@@ -231,10 +236,13 @@ def _run(loss_fn, student, teacher, images, epoch=0, epochs=10):
     return loss_fn(out.preds, teacher_out, _targets(), out.feats, teacher_feats, out.cross, epoch, epochs)
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.0])
+def test_cls_beta_zero_or_at_least_one_is_accepted(beta):
+    assert DistillConfig.from_hyp(load_hyp(distill_cls_beta=beta)).cls_beta == beta
+
+
 @pytest.mark.parametrize("overrides", [{"distill_feat_type": "pkd"}, {"distill_feat_type": "cwd"},
-                                       {"distill_feat_type": "at", "distill_box_teacher_score": True},
-                                       {"distill_crosskd": True, "distill_feat": 0.0}],
-                         ids=["pkd", "cwd", "at", "crosskd"])
+                                       {"distill_feat_type": "at"}], ids=["pkd", "cwd", "at"])
 def test_kd_is_zero_when_student_equals_teacher(gelan_pair, overrides):
     student, _ = gelan_pair
     student.train()
@@ -273,36 +281,61 @@ def _maps_from_flat(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.
     return maps
 
 
-def test_normalisers_match_the_detection_loss(gelan_pair):
-    """A teacher whose class probabilities ARE the assigner's targets: binary KD (beta 0) then equals
-    the detection cls term (BCE / target_scores_sum) minus the targets' own entropy."""
+def _flat_like(student, value_scores: float, value_distri: float = 0.0) -> tuple[list, torch.Tensor]:
+    """Head maps of ``student`` on a random batch, and a flat copy ``[B, A, 4R + C]`` filled with constants."""
+    maps = [m.detach() for m in student(torch.rand(BATCH, 3, IMG, IMG))]
+    flat = torch.full_like(flatten_maps(maps), value_distri)
+    flat[..., 4 * REG:] = value_scores
+    return maps, flat
+
+
+def test_class_kd_by_hand_is_normalised_by_the_teachers_mass(gelan_pair):
+    """Student logits 0 (p 0.5), teacher p 0.75 everywhere: each element contributes the binary KL
+    (BCE(0.5 vs 0.75) - H(0.75)) times |0.5 - 0.75|, and the mass is 0.75 per element, so the term is
+    (ln 2 - H(0.75)) * 0.25 / 0.75 whatever the number of images, anchors and classes."""
     student, _ = gelan_pair
     student.train()
-    hyp = load_hyp(distill_cls_beta=0.0, distill_feat=0.0)
-    detection = _detection_loss(student, hyp)
-    loss_fn = DistillationLoss(detection, student, copy.deepcopy(student), hyp)
-    maps = student(torch.rand(BATCH, 3, IMG, IMG))
-    items, main = detection.branch_loss(maps, _targets())
-    assert main.fg_mask.sum() >= 3
-    probs = main.target_scores.clamp(1e-12, 1 - 1e-6)  # 0 -> 1e-12: BCE against it is unchanged
-    flat = flatten_maps([m.detach() for m in maps]).clone()
-    flat[..., 4 * REG:] = torch.log(probs / (1 - probs))
-    terms = loss_fn._logit_terms(maps, _maps_from_flat(flat, maps), main)
-    entropy = torch.nn.functional.binary_cross_entropy(probs, probs, reduction="sum") / main.target_scores_sum
-    assert torch.isclose(terms["cls"] + entropy, items[1] / detection.cls_gain, rtol=1e-4)
-    # box KD: LD on the positives weighted like DFL, over the same normaliser
-    student_distri = flatten_maps(maps)[..., :4 * REG]
-    weight = main.target_scores.sum(-1) * main.fg_mask
-    manual = (dfl_kd(student_distri, flat[..., :4 * REG], REG, loss_fn.config.box_temperature) * weight).sum()
-    assert torch.isclose(terms["box"], manual / main.target_scores_sum, rtol=1e-5)
-    # a repeated batch changes KD exactly as it changes the detection terms (same normaliser, with
-    # its floor of 1 for a batch with few matches)
-    maps2 = [torch.cat([m, m]) for m in maps]
-    targets2 = torch.cat([_targets(), _targets() + torch.tensor([BATCH, 0, 0, 0, 0, 0])])
-    items2, main2 = detection.branch_loss(maps2, targets2)
-    terms2 = loss_fn._logit_terms(maps2, _maps_from_flat(torch.cat([flat, flat]), maps2), main2)
-    assert torch.isclose(terms2["cls"] / items2[1], terms["cls"] / items[1], rtol=1e-4)
-    assert torch.isclose(terms2["box"] / items2[2], terms["box"] / items[2], rtol=1e-4)
+    hyp = load_hyp(distill_feat=0.0)
+    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, copy.deepcopy(student), hyp)
+    maps, student_flat = _flat_like(student, 0.0)
+    _, teacher_flat = _flat_like(student, math.log(3.0))  # sigmoid = 0.75
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    expected = (math.log(2.0) - entropy) * 0.25 / 0.75
+    terms = loss_fn._logit_terms(_maps_from_flat(student_flat, maps), _maps_from_flat(teacher_flat, maps))
+    assert terms["cls"].item() == pytest.approx(expected, rel=1e-5)
+    doubled = [torch.cat([m, m]) for m in maps]  # twice the images: the same mean
+    terms2 = loss_fn._logit_terms(_maps_from_flat(torch.cat([student_flat] * 2), doubled),
+                                  _maps_from_flat(torch.cat([teacher_flat] * 2), doubled))
+    assert terms2["cls"].item() == pytest.approx(expected, rel=1e-5)
+    # the teacher sure of nothing on half the anchors: those add no mass and (student at 0.5 there, the
+    # teacher at ~0) a binary KL of ln 2 times 0.5 each, over the mass of the other half
+    teacher_flat[:, ::2, 4 * REG:] = -30.0
+    anchors = teacher_flat.shape[1]
+    sure, unsure = len(range(1, anchors, 2)), len(range(0, anchors, 2))
+    expected_half = ((math.log(2.0) - entropy) * 0.25 * sure + math.log(2.0) * 0.5 * unsure) / (0.75 * sure)
+    terms3 = loss_fn._logit_terms(_maps_from_flat(student_flat, maps), _maps_from_flat(teacher_flat, maps))
+    assert terms3["cls"].item() == pytest.approx(expected_half, rel=1e-4)
+
+
+def test_box_kd_is_a_mean_weighted_by_the_teachers_confidence(gelan_pair):
+    """LD that differs from 0 on one anchor only: the term is that anchor's LD times its confidence over
+    the sum of the confidences (0.75 on one anchor in two, ~0 elsewhere)."""
+    student, _ = gelan_pair
+    student.train()
+    hyp = load_hyp(distill_feat=0.0, distill_cls=0.0)
+    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, copy.deepcopy(student), hyp)
+    maps, teacher_flat = _flat_like(student, math.log(3.0))
+    teacher_flat[:, ::2, 4 * REG:] = -30.0  # even anchors: the teacher sees nothing there
+    student_flat = teacher_flat.clone()
+    student_flat[0, 1, :REG] = torch.linspace(-2.0, 2.0, REG)  # image 0, anchor 1 (confidence 0.75): one side
+    ld = dfl_kd(student_flat[:1, 1:2, :4 * REG], teacher_flat[:1, 1:2, :4 * REG], REG,
+                loss_fn.config.box_temperature).item()
+    assert ld > 0
+    sure = BATCH * len(range(1, teacher_flat.shape[1], 2))
+    mass = 0.75 * sure + 2 * BATCH * len(range(0, teacher_flat.shape[1], 2)) * torch.sigmoid(torch.tensor(-30.0)).item()
+    terms = loss_fn._logit_terms(_maps_from_flat(student_flat, maps), _maps_from_flat(teacher_flat, maps))
+    assert "cls" not in terms
+    assert terms["box"].item() == pytest.approx(ld * 0.75 / mass, rel=1e-4)
 
 
 def test_gradients_reach_student_and_connectors_teacher_stays_fixed(gelan_pair):
@@ -337,8 +370,7 @@ def test_crosskd_trains_the_student_through_the_teachers_final_convs(gelan_pair)
     with torch.no_grad():
         teacher_out = teacher(torch.rand(BATCH, 3, IMG, IMG))
     _, items = loss_fn(out.preds, teacher_out, _targets(), None, None, out.cross)
-    kd = loss_fn.config.cls * loss_fn._logit_terms(out.cross, teacher_out, loss_fn._detection_with_targets(
-        out.preds, _targets())[2])["cls"]
+    kd = loss_fn.config.cls * loss_fn._logit_terms(out.cross, teacher_out)["cls"]
     assert torch.isclose(items["distill/cls"], kd.detach(), rtol=1e-5)
     student.zero_grad()
     kd.backward()
@@ -350,9 +382,55 @@ def test_crosskd_trains_the_student_through_the_teachers_final_convs(gelan_pair)
 
 def test_the_recipe_warmup_reaches_the_loss_weight(gelan_pair):
     student, teacher = gelan_pair
-    hyp = load_hyp(distill_warmup_fraction=0.25, distill_stop_epoch=-1)
+    hyp = load_hyp(distill_warmup_steps=200, distill_stop_epoch=-1)
     loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
-    assert [loss_fn.weight(e, 40) for e in (0, 5, 10, 39)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+    assert [loss_fn.weight(0, 40, step) for step in (0, 50, 200, 5000)] == pytest.approx([0.0, 0.25, 1.0, 1.0])
+    assert loss_fn.active(0, 40)  # at w = 0 the teacher still runs (and assigns, with LAD)
+
+
+def test_crosskd_kd_is_zero_through_the_teachers_convs_not_the_students(gelan_pair):
+    """Teacher = student, then the STUDENT's final 1x1 convs perturbed: the cross-head maps go through
+    the teacher's final convs, so CrossKD stays 0 while plain KD (the student's own maps) does not."""
+    student = copy.deepcopy(gelan_pair[0]).train()
+    teacher = copy.deepcopy(student).train()  # batch statistics on both sides: the same hidden features
+    with torch.no_grad():
+        for seq in (*student.head.cv2, *student.head.cv3):
+            seq[-1].weight.add_(0.5 * torch.randn_like(seq[-1].weight))
+    images = torch.rand(BATCH, 3, IMG, IMG)
+    results = {}
+    for crosskd in (True, False):
+        hyp = load_hyp(distill_crosskd=crosskd, distill_feat=0.0)
+        loss_fn = DistillationLoss(_detection_loss(student, hyp), student, teacher, hyp)
+        results[crosskd] = _run(loss_fn, student, teacher, images)[1]
+    assert results[True]["distill/cls"] < 1e-5 and results[True]["distill/box"] < 1e-5
+    assert results[False]["distill/cls"] > 1e-3 and results[False]["distill/box"] > 1e-3
+
+
+@pytest.fixture(scope="module")
+def gelan_s_teacher():
+    """A GELAN-s teacher (class branch 128 wide where GELAN-t's is 64: CrossKD needs real connectors)."""
+    from models.yolo import DetectionModel
+
+    torch.manual_seed(4)
+    return DetectionModel(ROOT / "models" / "detect" / "gelan-s.yaml", nc=NC).eval()
+
+
+@pytest.mark.parametrize("weights", [{"distill_box": 0.0}, {"distill_cls": 0.0}, {}], ids=["cls-only", "box-only", "both"])
+def test_crosskd_builds_only_the_connectors_it_uses(gelan_pair, gelan_s_teacher, weights):
+    """Every trainable distillation parameter gets a gradient in every step (DistributedDataParallel
+    refuses unused ones): with one KD weight at 0 its connectors are not built. With box KD alone
+    against a wider class branch, the class connectors (real convs) would otherwise get no gradient."""
+    student = copy.deepcopy(gelan_pair[0]).train()
+    hyp = load_hyp(distill_crosskd=True, distill_feat=0.0, **weights)
+    loss_fn = DistillationLoss(_detection_loss(student, hyp), student, gelan_s_teacher, hyp)
+    cross = loss_fn.modules_.cross
+    assert (cross.cls_connectors is None) == ("distill_cls" in weights)
+    assert (cross.box_connectors is None) == ("distill_box" in weights)
+    params = list(loss_fn.trainable_modules().parameters())
+    assert bool(params) == ("distill_cls" not in weights)  # only the class branch differs in width
+    loss, _ = _run(loss_fn, student, gelan_s_teacher, torch.rand(BATCH, 3, IMG, IMG))
+    loss.backward()
+    assert all(p.grad is not None for p in params)
 
 
 def test_with_all_kd_weights_zero_the_loss_is_detection(gelan_pair):
