@@ -29,8 +29,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     hyp = yaml.safe_load((ROOT / "hyp" / "hyp.distill.yaml").read_text())
-    hyp.update(distill_feat=4.0, distill_feat_type="mse", distill_crosskd=True,  # MSE: connectors on every level
-               distill_warmup_fraction=0.0)  # full KD weight at epoch 0, where these steps run
+    hyp.update(distill_feat=4.0, distill_feat_type="mse", distill_crosskd=True)  # MSE: connectors on every level
     torch.manual_seed(0)
     student = DetectionModel(ROOT / "models" / "detect" / "yolov9-tiny.yaml", nc=3)
     teacher = DetectionModel(ROOT / "models" / "detect" / "gelan-t.yaml", nc=3).eval().requires_grad_(False)

@@ -122,8 +122,9 @@ def test_distillation_logs_terms_and_resumes(tiny_data, tmp_path, monkeypatch):
     args = _args(tiny_data, tmp_path, "student", epochs=2, extra=("--teacher", teacher, "--hyp", HYP_DISTILL))
     train_distill.main(args)
     rows = _rows(tmp_path / "student")
-    for key in ("distill/cls", "distill/box", "distill/feat", "distill/total"):
-        assert math.isfinite(float(rows[0][key])), key
+    for key in ("distill/cls", "distill/box", "distill/total"):  # the default: KD at full weight from step 0
+        assert float(rows[0][key]) > 0, key
+    assert float(rows[0]["distill/feat"]) == 0  # feature KD is off in the default recipe
     ckpt = load_checkpoint(tmp_path / "student" / "weights" / "last.pt")
     assert ckpt["extra"]["teacher"]["path"] == teacher and len(ckpt["extra"]["teacher"]["sha256"]) == 64
     assert not any(k.startswith("teacher") for k in ckpt["state_dict"])  # never saved into the student
@@ -142,15 +143,18 @@ def test_distillation_logs_terms_and_resumes(tiny_data, tmp_path, monkeypatch):
     assert [int(r["epoch"]) for r in _rows(tmp_path / "cut")] == [0, 1]
 
 
-def test_kd_warmup_starts_the_teacher_after_the_first_epoch(tiny_data, tmp_path):
-    """distill_warmup_fraction: epoch 0 trains without KD (the teacher is not run), KD joins in epoch 1."""
+def test_kd_warmup_ramps_in_over_nominal_steps(tiny_data, tmp_path):
+    """distill_warmup_steps: KD's weight rises from 0 at the first step over that many nominal steps
+    (here nbs auto = the batch, so one step per batch): with 1,000 steps the first epoch's KD is about
+    a thousandth of the same run's without warm-up, and not 0 (the teacher runs from the first step)."""
     train.main(_args(tiny_data, tmp_path, "teacher", epochs=1))
-    hyp = tmp_path / "warm.yaml"
-    hyp.write_text(f"base: {HYP_DISTILL}\ndistill_warmup_fraction: 0.75\ndistill_stop_epoch: -1\n")
-    train_distill.main(_args(tiny_data, tmp_path, "warm", epochs=2, extra=(
-        "--teacher", str(tmp_path / "teacher" / "weights" / "best.pt"), "--hyp", str(hyp))))
-    rows = _rows(tmp_path / "warm")
-    assert float(rows[0]["distill/total"]) == 0 and float(rows[1]["distill/total"]) > 0
+    teacher = str(tmp_path / "teacher" / "weights" / "best.pt")
+    for name, steps in (("cold", 0), ("warm", 1000)):
+        hyp = tmp_path / f"{name}.yaml"
+        hyp.write_text(f"base: {HYP_DISTILL}\ndistill_warmup_steps: {steps}\ndistill_stop_epoch: -1\n")
+        train_distill.main(_args(tiny_data, tmp_path, name, epochs=1, extra=("--teacher", teacher, "--hyp", str(hyp))))
+    cold, warm = (float(_rows(tmp_path / n)[0]["distill/total"]) for n in ("cold", "warm"))
+    assert 0 < warm < cold / 100
 
 
 def test_distillation_with_all_kd_weights_zero_equals_scratch_training(tiny_data, tmp_path):
@@ -190,7 +194,7 @@ def test_two_process_ddp_distillation_with_freezing_and_stop(tiny_data, tmp_path
     train.main(_args(tiny_data, tmp_path, "ddp-teacher", epochs=1))
     hyp = tmp_path / "ddp-kd.yaml"
     hyp.write_text(f"base: {HYP_DISTILL}\nfreeze_backbone_epochs: 1\ndistill_stop_epoch: 2\ndistill_feat: 4.0\n"
-                   "distill_warmup_fraction: 0.0\n")
+                   "distill_warmup_steps: 2\n")  # w = 0 at the first step: the connectors must still take part
     env = dict(os.environ, OMP_NUM_THREADS="1")
     common = _args(tiny_data, tmp_path, "ddp-kd", epochs=3, extra=(
         "--teacher", str(tmp_path / "ddp-teacher" / "weights" / "best.pt"), "--hyp", str(hyp)))
@@ -239,10 +243,12 @@ def test_hyp_base_is_merged_and_loops_refused(tmp_path):
     from utils.errors import UserError
     from utils.train_setup import load_hyp
 
-    merged = load_hyp(ROOT / "hyp" / "hyp.demo-distill.yaml")  # base: [hyp.distill.yaml, hyp.demo.yaml]
-    distill = load_hyp(ROOT / "hyp" / "hyp.distill.yaml")
-    assert merged["ema_epochs"] == 3 and merged["distill_cls"] == distill["distill_cls"] and "base" not in merged
-    assert merged["nbs"] == 16 and merged["distill_warmup_fraction"] == 0.0  # this file's own key wins
+    (tmp_path / "mine.yaml").write_text(f"base: [{HYP_DISTILL}, extra.yaml]\nnbs: 16\n")
+    (tmp_path / "extra.yaml").write_text("ema_epochs: 3\nnbs: 32\ndistill_cls: 1.0\n")
+    merged = load_hyp(tmp_path / "mine.yaml")
+    distill = load_hyp(HYP_DISTILL)
+    assert merged["ema_epochs"] == 3 and merged["distill_box"] == distill["distill_box"] and "base" not in merged
+    assert merged["nbs"] == 16 and merged["distill_cls"] == 1.0  # this file's own key wins, then the later base
     (tmp_path / "a.yaml").write_text("base: b.yaml\nlr0: 0.1\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nlr0: 0.2\n")
     with pytest.raises(UserError, match="loop"):
@@ -259,10 +265,12 @@ def _steps_with_hyp(data: str, project: Path, name: str, lines: str) -> int:
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the nbs-64 run takes no step
 def test_nominal_batch_hyp_sets_the_images_per_optimizer_step(tiny_data, tmp_path):
-    """hyp nbs: at nbs 4 and batch 4 every batch is a step (2 epochs x 2 batches = 4 steps); at the
-    default 64 a step needs 16 batches and these 4 make none."""
+    """hyp nbs: at nbs 4 and batch 4 every batch is a step (2 epochs x 2 batches = 4 steps); at YOLO's
+    64 a step needs 16 batches and these 4 make none; auto (or absent) on 8 images picks the batch."""
     assert _steps_with_hyp(tiny_data, tmp_path, "nbs4", "nbs: 4\n") == 4
-    assert _steps_with_hyp(tiny_data, tmp_path, "nbs64", "") == 0
+    assert _steps_with_hyp(tiny_data, tmp_path, "nbs64", "nbs: 64\n") == 0
+    assert _steps_with_hyp(tiny_data, tmp_path, "auto", "nbs: auto\n") == 4
+    assert _steps_with_hyp(tiny_data, tmp_path, "absent", "") == 4
 
 
 def test_nominal_batch_values():
@@ -275,9 +283,39 @@ def test_nominal_batch_values():
     assert scaled_weight_decay(5e-4, 16, 16) == pytest.approx(5e-4)
     assert scaled_weight_decay(5e-4, 32, 16) == pytest.approx(1e-3)
     assert warmup_accumulate(0, 100, 16, 32) == 1 and warmup_accumulate(100, 100, 16, 32) == 2
-    for bad in (0, -16, 1.5, "16", True, None):
+    for bad in (0, -16, 1.5, "16", True, "automatic"):
         with pytest.raises(UserError, match="nbs"):
             nominal_batch({"nbs": bad})
+
+
+@pytest.mark.parametrize("images, batch, nbs", [
+    (118_287, 16, 64),  # COCO train2017: YOLO's 64
+    (3200, 16, 64), (3199, 16, 48), (2000, 16, 32), (1000, 16, 16),
+    (205, 16, 16), (103, 16, 16),  # BCCD and half of it: every batch a step
+    (205, 8, 8), (500, 128, 128), (100_000, 128, 64)])
+def test_auto_nominal_batch(images, batch, nbs):
+    from utils.optim import MIN_STEPS_PER_EPOCH, auto_nominal_batch, nominal_batch
+
+    chosen, reason = auto_nominal_batch(images, batch)
+    assert chosen == nbs and str(images) in reason
+    assert nominal_batch({"nbs": "auto"}, images, batch) == nominal_batch({}, images, batch) == nbs
+    assert chosen % batch == 0 or chosen == 64
+    assert images / chosen >= MIN_STEPS_PER_EPOCH or chosen == batch
+
+
+def test_ema_auto_is_yolos_on_a_large_set_and_a_few_epochs_on_a_small_one():
+    from utils.ema import ema_choice
+    from utils.errors import UserError
+
+    assert ema_choice({}, 118_287 / 64)[:2] == (0.9999, 2000.0)  # COCO at nbs 64
+    decay, tau, reason = ema_choice({"ema_epochs": "auto"}, 13)  # BCCD at nbs 16: 13 updates per epoch
+    assert decay == pytest.approx(1 - 1 / 39) and tau == 13 and "3 epochs" in reason
+    assert ema_choice({"ema_epochs": 3}, 13)[:2] == (decay, tau)  # the same as writing it
+    assert ema_choice({"ema_epochs": 5}, 13)[:2] == (pytest.approx(1 - 1 / 65), 13)
+    assert ema_choice({"ema_decay": 0.999, "ema_tau": 100}, 13)[:2] == (0.999, 100.0)
+    for bad in ({"ema_epochs": 0}, {"ema_epochs": "three"}, {"ema_decay": 1.5}):
+        with pytest.raises(UserError, match="ema_"):
+            ema_choice(bad, 13)
 
 
 def test_bad_nominal_batch_is_one_line_exit_2(tiny_data, tmp_path, capsys):

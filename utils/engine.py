@@ -77,6 +77,8 @@ class Trainer:
             raise UserError(f"--batch {opt.batch} is smaller than the number of processes {self.dist.world_size}")
         if opt.epochs < 1:
             raise UserError("--epochs must be at least 1")
+        nominal_batch(self.hyp)  # bad nbs or weight-average keys: one line before the data set is read
+        ema_choice(self.hyp, 1)
 
         if self.resume_ckpt is not None:
             self.save_dir = Path(opt.resume).resolve().parents[1]
