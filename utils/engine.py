@@ -104,11 +104,11 @@ class Trainer:
 
         self.teacher = None
         if self.is_distill:
+            self.teacher_sha256 = file_sha256(opt.teacher)
+            self._check_resumed_teacher()
             teacher_dtype = resolve_teacher_dtype(DistillConfig.from_hyp(self.hyp).teacher_dtype, self.device)
             self.teacher = load_teacher(opt.teacher, self.data["names"], self.device, teacher_dtype)
             LOGGER.info(f"teacher {opt.teacher} in {str(teacher_dtype).removeprefix('torch.')} on {self.device}")
-            self.teacher_sha256 = file_sha256(opt.teacher)
-            self._check_resumed_teacher()
         self._build_data()
         self._resolve_auto_settings()
         self._build_loss()
