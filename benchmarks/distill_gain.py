@@ -267,7 +267,7 @@ def resolved_hyp(hyp: dict, images: int | None = None, batch: int | None = None)
         decay, tau, _ = ema_choice(out, updates)
         out.pop("ema_epochs", None)
         if (decay, tau) == (DEFAULT_DECAY, DEFAULT_TAU):
-            out.update(ema_decay=decay, ema_tau=tau)
+            out.update(ema_decay=DEFAULT_DECAY, ema_tau=DEFAULT_TAU)  # as YOLO's hyp files spell them
         else:  # the small-set choice: about the last epochs
             out["ema_epochs"] = AUTO_SMALL_EPOCHS
     return out

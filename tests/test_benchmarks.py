@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import common, distill_bccd, train_bccd, train_speed
+from benchmarks import common, distill_gain, train_bccd, train_speed
 from utils.train_setup import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", [train_bccd, train_speed, distill_bccd])
+@pytest.mark.parametrize("module", [train_bccd, train_speed, distill_gain])
 def test_help_lists_the_flags(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.parse_args(["--help"])
@@ -29,12 +29,11 @@ def test_help_lists_the_flags(module, capsys):
         assert flag in text
 
 
-def test_help_as_a_script_from_another_folder(tmp_path):
-    # `python benchmarks/x.py` must find the project's packages without -m and from any folder
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_bccd.py"), "--help"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+def test_help_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.distill_gain", "--help"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "--methods" in result.stdout and "--teacher" in result.stdout
+    assert "--methods" in result.stdout and "--teacher" in result.stdout and "--data" in result.stdout
 
 
 def test_bad_model_name_is_one_line_error(tmp_path, capsys):
@@ -71,8 +70,9 @@ def test_train_rate_skips_the_first_epoch(tmp_path):
 
 
 def test_method_hyps_apply_the_ablation_and_the_common_changes(tmp_path):
-    opt = distill_bccd.parse_args(["--hyp-set", "ema_epochs=3", "lr0=0.02", "--work", str(tmp_path)])
-    hyps = {m: yaml.safe_load(p.read_text()) for m, p in distill_bccd.method_hyps(opt, tmp_path / "hyp").items()}
+    opt = distill_gain.parse_args(["--hyp-set", "ema_epochs=3", "lr0=0.02", "--work", str(tmp_path),
+                                   "--methods", "scratch", *distill_gain.METHODS])
+    hyps = {m: yaml.safe_load(p.read_text()) for m, p in distill_gain.method_hyps(opt, tmp_path / "hyp").items()}
     base = yaml.safe_load((ROOT / "hyp" / "hyp.distill.yaml").read_text())
     assert all(h["ema_epochs"] == 3 and h["lr0"] == 0.02 for h in hyps.values())
     assert "distill_cls" not in hyps["scratch"]
@@ -80,19 +80,17 @@ def test_method_hyps_apply_the_ablation_and_the_common_changes(tmp_path):
     assert hyps["crosskd"]["distill_crosskd"] is True and hyps["pkd"]["distill_feat"] == 4.0
     assert base["distill_feat"] == 0 and hyps["teacher-fp32"]["distill_teacher_dtype"] == "fp32"
     assert hyps["default"]["distill_stop_epoch"] == "close_mosaic" and hyps["kd-constant"]["distill_stop_epoch"] == -1
-    assert [hyps["kd-x2"][k] for k in distill_bccd.KD_WEIGHTS] == [2 * base[k] for k in distill_bccd.KD_WEIGHTS]
+    assert [hyps["kd-x2"][k] for k in distill_gain.KD_WEIGHTS] == [2 * base[k] for k in distill_gain.KD_WEIGHTS]
     assert hyps["kd-x2"]["distill_stop_epoch"] == base["distill_stop_epoch"]
     assert [hyps["kd-off"][k] for k in ("distill_cls", "distill_box", "distill_feat")] == [0, 0, 0]
     assert hyps["classic"]["distill_det_weight"] == 0.65
     assert hyps["lad"] == {**hyps["default"], "distill_assign": "teacher"}
-    assert hyps["kd-warmup"] == hyps["default"] and base["distill_warmup_fraction"] == 0.25  # the measured name
-    assert hyps["no-warmup"] == {**hyps["default"], "distill_warmup_fraction": 0.0}
-    assert hyps["kd-warmup-x2"] == {**hyps["kd-x2"], "distill_warmup_fraction": 0.25}
-    assert hyps["kd-warmup-half"] == {**hyps["default"], "distill_warmup_fraction": 0.5}
+    assert hyps["warmup-300"] == {**hyps["default"], "distill_warmup_steps": 300} and base["distill_warmup_steps"] == 0
+    assert distill_gain.parse_args([]).methods == ["scratch", "default"]  # the headline comparison only
     with pytest.raises(common.UserError, match="--hyp-set"):
-        distill_bccd.parse_hyp_set(["novalue"])
+        distill_gain.parse_hyp_set(["novalue"])
     with pytest.raises(common.UserError, match="unknown"):
-        distill_bccd.method_hyps(distill_bccd.parse_args(["--methods", "magic"]), tmp_path / "x")
+        distill_gain.method_hyps(distill_gain.parse_args(["--methods", "magic"]), tmp_path / "x")
 
 
 def test_summary_pairs_seeds_and_claims_only_consistent_gains():
@@ -103,26 +101,26 @@ def test_summary_pairs_seeds_and_claims_only_consistent_gains():
     runs = [run("scratch", 0, 0.40, 200.0), run("scratch", 1, 0.42, 200.0), run("scratch", 2, 0.41, 200.0),
             run("default", 0, 0.45, 150.0), run("default", 1, 0.47, 150.0), run("default", 2, 0.46, 150.0),
             run("classic", 0, 0.43, 180.0), run("classic", 1, 0.40, 180.0), run("classic", 2, 0.44, 180.0)]
-    rows = {r["method"]: r for r in distill_bccd.summarize(runs, {"test_map": 0.51})}
+    rows = {r["method"]: r for r in distill_gain.summarize(runs, {"test_map": 0.51})}
     assert rows["default"]["paired_diff"] == pytest.approx([0.05, 0.05, 0.05])
     assert rows["default"]["gap_closed"] == pytest.approx(0.5)  # (0.46 - 0.41) / (0.51 - 0.41)
     assert rows["default"]["time_vs_scratch"] == pytest.approx(200 / 150)
     assert rows["default"]["claimed"] and not rows["classic"]["claimed"]  # classic loses on seed 1
     assert math.isnan(rows["scratch"]["gap_closed"]) and not rows["scratch"]["claimed"]
-    assert math.isnan(distill_bccd.gap_closed(0.5, 0.4, 0.3))  # teacher behind: no gap to close
+    assert math.isnan(distill_gain.gap_closed(0.5, 0.4, 0.3))  # teacher behind: no gap to close
     two_seeds = [r for r in runs if r["seed"] < 2]  # +5 and +5 points: consistent, but two seeds claim nothing
-    assert not {r["method"]: r for r in distill_bccd.summarize(two_seeds, {"test_map": 0.51})}["default"]["claimed"]
+    assert not {r["method"]: r for r in distill_gain.summarize(two_seeds, {"test_map": 0.51})}["default"]["claimed"]
     # the cost runs (each method alone) decide the time ratio where they measured the method and scratch
-    timed = {r["method"]: r for r in distill_bccd.summarize(runs, {"test_map": 0.51}, {"scratch": 30.0, "default": 24.0})}
+    timed = {r["method"]: r for r in distill_gain.summarize(runs, {"test_map": 0.51}, {"scratch": 30.0, "default": 24.0})}
     assert timed["default"]["time_vs_scratch"] == pytest.approx(1.25) and timed["default"]["time_from"] == "cost runs"
     assert timed["classic"]["time_vs_scratch"] == pytest.approx(200 / 180) and timed["classic"]["time_from"] == "runs"
 
 
 def test_best_epoch_is_the_last_maximum_of_the_engine_fitness():
     # fitness 0.1 mAP50 + 0.9 mAP50-95: epoch 1 wins on mAP50-95 alone, epoch 3 ties it and replaces it
-    assert distill_bccd.best_epoch([0.5, 0.5, 0.9, 0.5], [0.30, 0.40, 0.35, 0.40]) == 3
+    assert distill_gain.best_epoch([0.5, 0.5, 0.9, 0.5], [0.30, 0.40, 0.35, 0.40]) == 3
     # mAP50 counts too: epoch 2 (0.1 + 0.324) beats epoch 1 (0.05 + 0.36) with a lower mAP50-95
-    assert distill_bccd.best_epoch([0.5, 0.5, 1.0], [0.30, 0.40, 0.36]) == 2
+    assert distill_gain.best_epoch([0.5, 0.5, 1.0], [0.30, 0.40, 0.36]) == 2
 
 
 def test_last_pt_scores_are_paired_only_where_both_runs_have_them():
@@ -133,11 +131,11 @@ def test_last_pt_scores_are_paired_only_where_both_runs_have_them():
 
     runs = [run("scratch", 0, 0.50, 0.48), run("scratch", 1, 0.50), run("default", 0, 0.52, 0.51),
             run("default", 1, 0.52, 0.49)]
-    rows = {r["method"]: r for r in distill_bccd.summarize(runs, {"test_map": 0.6})}
+    rows = {r["method"]: r for r in distill_gain.summarize(runs, {"test_map": 0.6})}
     assert rows["default"]["last_test_map"] == pytest.approx([0.51, 0.49])
     assert rows["default"]["last_paired_diff"] == pytest.approx([0.03])  # seed 1's scratch has no last.pt score
     assert rows["scratch"]["last_paired_diff"] == []
-    table = distill_bccd.tables(distill_bccd.summarize(runs, {"test_map": 0.6}), runs,
+    table = distill_gain.tables(distill_gain.summarize(runs, {"test_map": 0.6}), runs,
                                 {"label": "t", "val_map": 0.6, "test_map": 0.6, "test_map50": 0.9}, True, {})
     assert "| default | 2 | 0.500 ± 0.014 | +3.0 (+3.0) |" in table
 
@@ -154,9 +152,9 @@ def test_a_kept_run_names_the_cpu_it_trained_on(tmp_path):
                                            {"method": "default", "seed": 0, "command": "python train_distill.py"},
                                            {"method": "no-pkd", "seed": 0, "command": "python train_distill.py",
                                             "cpu": "Arm"}]}))
-    moved = distill_bccd.moved_runs(second, tmp_path / "c")
+    moved = distill_gain.moved_runs(second, tmp_path / "c")
     assert [r["cpu"] for r in moved] == ["AMD EPYC", "Intel Xeon", "Arm"]
-    assert [r["cpu"] for r in distill_bccd.earlier_runs(second)] == ["AMD EPYC", "Intel Xeon", "Arm"]
+    assert [r["cpu"] for r in distill_gain.earlier_runs(second)] == ["AMD EPYC", "Intel Xeon", "Arm"]
 
     def run(method, cpu):
         return {"method": method, "seed": 0, "test_map50": 0.8, "test_map": 0.5, "val_map": 0.5, "val_map50": 0.8,
@@ -164,9 +162,9 @@ def test_a_kept_run_names_the_cpu_it_trained_on(tmp_path):
 
     teacher = {"label": "t", "val_map": 0.6, "test_map": 0.6, "test_map50": 0.9}
     mixed = [run("scratch", "AMD EPYC"), run("default", "Intel Xeon")]
-    assert "trained on 2 CPUs" in distill_bccd.tables(distill_bccd.summarize(mixed, teacher), mixed, teacher, True, {})
+    assert "trained on 2 CPUs" in distill_gain.tables(distill_gain.summarize(mixed, teacher), mixed, teacher, True, {})
     alike = [run("scratch", "Intel Xeon"), run("default", "Intel Xeon")]
-    assert "CPUs" not in distill_bccd.tables(distill_bccd.summarize(alike, teacher), alike, teacher, True, {})
+    assert "CPUs" not in distill_gain.tables(distill_gain.summarize(alike, teacher), alike, teacher, True, {})
 
 
 def test_reuse_needs_the_same_command_and_hyp(tmp_path):
@@ -186,27 +184,44 @@ def test_a_run_is_kept_under_another_name_when_it_trained_the_same_thing(tmp_pat
     """The recipe's weights doubled became the default: its kd-x2 runs are the new default's runs."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("lr0: 0.01\ndistill_cls: 1.0\ndistill_box: 1.5\ndistill_feat: 2.0\n")
-    doubled = distill_bccd.write_hyp(tmp_path / "old", "kd-x2", recipe, {distill_bccd.KD_SCALE: 2.0})
+    doubled = distill_gain.write_hyp(tmp_path / "old", "kd-x2", recipe, {distill_gain.KD_SCALE: 2.0})
     new_recipe = tmp_path / "new.yaml"
     new_recipe.write_text("# new default\nlr0: 0.01\ndistill_feat: 4.0\ndistill_cls: 2.0\ndistill_box: 3.0\n")
-    default = distill_bccd.write_hyp(tmp_path / "new", "default", new_recipe, {})
+    default = distill_gain.write_hyp(tmp_path / "new", "default", new_recipe, {})
     assert doubled.read_bytes() != default.read_bytes()
 
     def identity(hyp, name, teacher="t", extra=""):
         command = f"python train_distill.py --hyp {hyp} --seed 0 --name yolov9-tiny-{name}-s0{extra}"
         return {"command": command, "hyp_sha256": file_sha256(hyp), "hyp_values_sha256":
-                distill_bccd.hyp_values_sha256(hyp), "teacher_sha256": teacher}
+                distill_gain.hyp_values_sha256(hyp), "teacher_sha256": teacher}
 
     old = {**identity(doubled, "kd-x2"), "method": "kd-x2", "seed": 0, "hyp": str(doubled), "test_map": 0.5}
     del old["hyp_values_sha256"]  # a record written before values were hashed: read from its file
-    filled = {**old, "hyp_values_sha256": distill_bccd._recorded_hyp_values(old)}
-    assert distill_bccd.recorded_run([filled], identity(default, "default"))["test_map"] == 0.5
-    assert distill_bccd.recorded_run([filled], identity(default, "default", teacher="u")) is None
-    assert distill_bccd.recorded_run([filled], identity(default, "default", extra=" --epochs 9")) is None
-    halved = distill_bccd.write_hyp(tmp_path / "new", "kd-half", new_recipe, {distill_bccd.KD_SCALE: 0.5})
-    assert distill_bccd.recorded_run([filled], identity(halved, "kd-half")) is None
+    filled = {**old, "hyp_values_sha256": distill_gain._recorded_hyp_values(old)}
+    assert distill_gain.recorded_run([filled], identity(default, "default"))["test_map"] == 0.5
+    assert distill_gain.recorded_run([filled], identity(default, "default", teacher="u")) is None
+    assert distill_gain.recorded_run([filled], identity(default, "default", extra=" --epochs 9")) is None
+    halved = distill_gain.write_hyp(tmp_path / "new", "kd-half", new_recipe, {distill_gain.KD_SCALE: 0.5})
+    assert distill_gain.recorded_run([filled], identity(halved, "kd-half")) is None
     doubled.write_text(doubled.read_text().replace("lr0: 0.01", "lr0: 0.02"))  # the file no longer holds the run's
-    assert distill_bccd._recorded_hyp_values(old) is None                    # bytes: its values are not trusted
+    assert distill_gain._recorded_hyp_values(old) is None                    # bytes: its values are not trusted
+
+
+def test_plain_and_explicit_hyps_that_train_alike_hash_alike(tmp_path):
+    """A plain hyp (nbs and the weight average left to the tool) is the same run as one that writes out
+    what the tool chooses for that data set: nbs 16 and ema_epochs 3 for 205 images at batch 16, YOLO's
+    64 / 0.9999 / 2000 on COCO. Recorded runs of the explicit form are kept by --reuse."""
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("lr0: 0.01\n")
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text("lr0: 0.01\nnbs: 16\nema_epochs: 3\n")
+    yolo = tmp_path / "yolo.yaml"
+    yolo.write_text("lr0: 0.01\nnbs: 64\nema_decay: 0.9999\nema_tau: 2000\n")
+    bccd, coco = (205, 16), (118_287, 16)
+    assert distill_gain.hyp_values_sha256(plain, *bccd) == distill_gain.hyp_values_sha256(explicit, *bccd)
+    assert distill_gain.hyp_values_sha256(plain, *coco) == distill_gain.hyp_values_sha256(yolo, *coco)
+    assert distill_gain.hyp_values_sha256(plain, *coco) != distill_gain.hyp_values_sha256(explicit, *coco)
+    assert distill_gain.hyp_values_sha256(plain, 2000, 16) != distill_gain.hyp_values_sha256(explicit, 2000, 16)
 
 
 def test_random_teacher_file_is_the_same_in_every_session(tmp_path):
@@ -216,8 +231,8 @@ def test_random_teacher_file_is_the_same_in_every_session(tmp_path):
     from utils.checkpoint import load_model
 
     trained = Path(__file__).resolve().parents[1] / "weights" / "gelan-t-bccd256.pt"
-    first = distill_bccd.random_teacher(trained, tmp_path / "a" / "random-teacher.pt")
-    second = distill_bccd.random_teacher(trained, tmp_path / "b" / "random-teacher.pt")
+    first = distill_gain.random_teacher(trained, tmp_path / "a" / "random-teacher.pt")
+    second = distill_gain.random_teacher(trained, tmp_path / "b" / "random-teacher.pt")
     assert first.read_bytes() == second.read_bytes()
     untrained, shipped = load_model(first), load_model(trained)
     assert untrained.names == shipped.names and untrained.yaml == shipped.yaml
@@ -296,10 +311,12 @@ def test_train_speed_dry_run(tmp_path, capsys):
     assert row["mode"] == "gpu" and row["images_s"] > 0 and row["wall_images_s"] > 0
 
 
-def test_distill_bccd_dry_run(tmp_path, capsys, monkeypatch):
+def test_distill_gain_dry_run(tmp_path, capsys, monkeypatch):
     args = ["--dry-run", "--in-process", "--teacher-models", "gelan-t", "--methods", "scratch", "default",
-            "random-teacher", "--epochs", "1", "--work", str(tmp_path)]
-    result = distill_bccd.main([*args, "--cost-batches", "1"])
+            "random-teacher", "--epochs", "1", "--hyp-set", "lr0=0.011", "--work", str(tmp_path)]
+    result = distill_gain.main([*args, "--cost-batches", "1"])
+    teacher_hyp = tmp_path / "hyp" / "teacher.yaml"  # the teacher trained here gets the students' --hyp-set
+    assert f"--hyp {teacher_hyp}" in result["commands"][0] and yaml.safe_load(teacher_hyp.read_text())["lr0"] == 0.011
     out = capsys.readouterr().out
     assert "Teacher gelan-t" in out and "| default | 1 |" in out and "Training cost" in out
     runs = {r["method"]: r for r in result["runs"]}
@@ -319,7 +336,7 @@ def test_distill_bccd_dry_run(tmp_path, capsys, monkeypatch):
         for key in ("last_val_map", "last_test_map", "last_test_map50", "val_curve", "best_epoch"):
             record.pop(key)
     (tmp_path / "results.json").write_text(json.dumps(saved))
-    filled = distill_bccd.main([*args, "--reuse"])
+    filled = distill_gain.main([*args, "--reuse"])
     assert {r["method"]: r["last_test_map"] for r in filled["runs"]} == {m: r["last_test_map"] for m, r in runs.items()}
 
     # a new checkout keeps the committed results JSON but not the run folders: --reuse keeps the
@@ -327,12 +344,12 @@ def test_distill_bccd_dry_run(tmp_path, capsys, monkeypatch):
     for method in runs:
         shutil.rmtree(tmp_path / "runs" / f"yolov9-tiny-{method}-s0")
     rerun = []
-    monkeypatch.setattr(distill_bccd, "student_run", lambda *a: rerun.append(a[3]) or {**runs[a[3]], "rerun": 1})
-    again = distill_bccd.main([*args, "--reuse"])
+    monkeypatch.setattr(distill_gain, "student_run", lambda *a: rerun.append(a[3]) or {**runs[a[3]], "rerun": 1})
+    again = distill_gain.main([*args, "--reuse"])
     assert rerun == []
     assert {r["method"]: r["test_map"] for r in again["runs"]} == {m: r["test_map"] for m, r in runs.items()}
     rerun.clear()
-    distill_bccd.main([*args, "--reuse", "--methods", "scratch", "default", "--hyp-set", "lr0=0.02"])
+    distill_gain.main([*args, "--reuse", "--methods", "scratch", "default", "--hyp-set", "lr0=0.02"])
     assert sorted(rerun) == ["default", "scratch"]  # another hyp: nothing reused
 
     # --reuse-from: another call (its own --work, another teacher) keeps the first call's scratch runs,
@@ -340,8 +357,8 @@ def test_distill_bccd_dry_run(tmp_path, capsys, monkeypatch):
     rerun.clear()
     other = tmp_path / "other"
     teacher = Path(result["teacher"]["best"])
-    moved = distill_bccd.main(["--dry-run", "--in-process", "--teacher", str(teacher), "--methods", "scratch",
-                               "default", "--epochs", "1", "--work", str(other),
+    moved = distill_gain.main(["--dry-run", "--in-process", "--teacher", str(teacher), "--methods", "scratch",
+                               "default", "--epochs", "1", "--work", str(other), "--hyp-set", "lr0=0.011",
                                "--reuse-from", str(tmp_path / "results.json")])
     assert rerun == ["default"]
     scratch = next(r for r in moved["runs"] if r["method"] == "scratch")
@@ -349,7 +366,7 @@ def test_distill_bccd_dry_run(tmp_path, capsys, monkeypatch):
     assert scratch["recorded_in"] == str(tmp_path / "results.json")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        distill_bccd.main([*args[:-1], str(other), "--reuse-from", str(teacher)])
+        distill_gain.main([*args[:-1], str(other), "--reuse-from", str(teacher)])
     assert exit_info.value.code == 2 and "--reuse-from" in capsys.readouterr().err
 
 
