@@ -1,4 +1,4 @@
-"""Helpers shared by the training benchmarks (train_bccd, train_speed, distill_bccd).
+"""Helpers shared by the training benchmarks (train_bccd, train_speed, distill_gain).
 
 - the command-line flags every training benchmark takes, and the ``--dry-run`` shrink that turns a
   GPU benchmark into a CPU check of a few seconds per run on a tiny synthetic set;

@@ -4,7 +4,7 @@
 # scratch with the same epochs and seed, validate all three, export them to ONNX and run detection
 # with the distilled student's ONNX file. Every step is the command a user would type.
 #
-#   make demo         # the full demo (13.3 minutes measured on a 2-core CPU once .venv exists)
+#   make demo         # the full demo on a 2-core CPU (docs/results.md has its measured time)
 #   make demo-smoke   # the same steps on a tiny synthetic set, teacher 1 epoch, students 2 (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,8 @@ SOURCE=${DEMO_SOURCE:-datasets/bccd/images/test}
 TEACHER_CFG=models/detect/gelan-t.yaml
 STUDENT_CFG=models/detect/yolov9-tiny.yaml
 
-# the benchmark's settings (README, Distillation): SGD, hyp.scratch-high / hyp.distill + ema_epochs 3
+# the distillation benchmark's 40-epoch setting (benchmarks/distill_gain_bccd.sh): plain hyp files, nbs and
+# the weight average chosen from the data set's size by the tool, as for any user
 common=(--data "$DATA" --img "$IMG" --batch "$BATCH" --device cpu --workers 1 --cache ram --seed "$SEED"
         --project "$RUNS" --exist-ok --close-mosaic 5)
 if [ "$MAX_BATCHES" != 0 ]; then common+=(--max-batches "$MAX_BATCHES"); fi

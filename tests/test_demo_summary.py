@@ -51,3 +51,35 @@ def test_training_time_sums_each_students_epochs(tmp_path):
                                                          "scratch 14 s (1.30x).")
     (tmp_path / "student-scratch" / "results.csv").unlink()
     assert "not logged" in demo_summary.training_time_line(tmp_path)
+
+
+def _record(path: Path, epochs: int, scratch: list[float], default: list[float], teacher: str = "t" * 64) -> Path:
+    """A results JSON as benchmarks.distill_gain writes it (settings, one record per method and seed)."""
+    runs = [{"method": "scratch", "seed": s, "val_map": v, "teacher_sha256": None} for s, v in enumerate(scratch)]
+    runs += [{"method": "default", "seed": s, "val_map": v, "teacher_sha256": teacher} for s, v in enumerate(default)]
+    path.write_text(json.dumps({"settings": {"epochs": epochs, "img": 256, "batch": 16, "close_mosaic": 5},
+                                "runs": runs}))
+    return path
+
+
+def _student(runs: Path, epochs: int, teacher: str = "t" * 64) -> None:
+    model = DetectionModel(str(ROOT / "models" / "detect" / "yolov9-tiny.yaml"), nc=3)
+    weights = runs / "student-distill" / "weights"
+    weights.mkdir(parents=True)
+    opt = {"epochs": epochs, "img": 256, "batch": 16, "close_mosaic": 5}
+    save_checkpoint(make_checkpoint(model, epoch=epochs - 1, opt=opt, extra={"teacher": {"sha256": teacher}}),
+                    weights / "last.pt")
+
+
+def test_the_demos_gain_is_compared_with_the_spread_of_one_run(tmp_path):
+    _student(tmp_path, 40)
+    record = _record(tmp_path / "r.json", 40, [0.47, 0.48, 0.49], [0.49, 0.50, 0.51])
+    line = demo_summary.seed_spread_line(record, tmp_path, 0.015)
+    assert "paired gain +2.0 points (+2.0, +2.0, +2.0)" in line and "about 1.0 points" in line
+    assert "+1.5 is above the spread" in line
+    assert "is within the spread" in demo_summary.seed_spread_line(record, tmp_path, 0.005)
+    other = _record(tmp_path / "o.json", 80, [0.47, 0.48, 0.49], [0.49, 0.50, 0.51])
+    assert "epochs differ" in demo_summary.seed_spread_line(other, tmp_path, 0.015)
+    another_teacher = _record(tmp_path / "t.json", 40, [0.47, 0.48, 0.49], [0.49, 0.50, 0.51], teacher="u" * 64)
+    assert "teacher differ" in demo_summary.seed_spread_line(another_teacher, tmp_path, 0.015)
+    assert "No 3-seed record" in demo_summary.seed_spread_line(tmp_path / "missing.json", tmp_path, 0.015)

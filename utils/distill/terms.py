@@ -59,7 +59,7 @@ def dfl_kd(student: torch.Tensor, teacher: torch.Tensor, reg_max: int = REG_MAX,
     (times T^2), averaged over the bins as in the LD paper's loss (its KL is a mean over the bins, so
     its weight is on the scale of the DFL gain), then over the 4 sides; ``[B, A]`` from
     ``[B, A, 4 * reg_max]`` logits. A sum over the bins would be ``reg_max`` times stronger: at T 10
-    it outweighed the whole detection loss on BCCD (benchmarks/distill_bccd.py)."""
+    it outweighed the whole detection loss on BCCD (benchmarks/distill_gain.py)."""
     batch, anchors, _ = student.shape
     student = student.reshape(batch, anchors, NUM_SIDES, reg_max)
     teacher = teacher.reshape(batch, anchors, NUM_SIDES, reg_max)
