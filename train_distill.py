@@ -1,10 +1,11 @@
 """Distil a small student from a frozen teacher (ours or an official YOLOv9 checkpoint).
 
 Example:
-    python train_distill.py --data data/bccd.yaml --img 640 --batch 32 --epochs 50 --close-mosaic 40 \
-        --cfg models/detect/yolov9-tiny.yaml --weights '' --teacher runs/train/gelan-s/weights/best.pt \
+    python train_distill.py --data data/bccd.yaml --img 640 --batch 32 --epochs 100 --close-mosaic 10 \
+        --cfg models/detect/yolov9-tiny.yaml --teacher runs/train/gelan-s/weights/best.pt \
         --hyp hyp/hyp.distill.yaml --name yolov9-tiny-distill
-The distillation terms, weights, temperatures and schedules are read from the --hyp file.
+The distillation terms, weights, temperatures and schedule are read from the --hyp file (docs/distillation.md);
+KD stops when mosaic closes, so --close-mosaic is the plain-detection tail of the run.
 """
 
 from __future__ import annotations

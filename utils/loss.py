@@ -20,7 +20,7 @@ from utils.boxes import bbox2dist, bbox_iou, dist2bbox, make_anchors, xywh2xyxy
 from utils.distill import DistillationLoss
 from utils.errors import UserError
 
-# DistillationLoss lives in utils/distill.py and is re-exported here (docs/internals.md, "Loss").
+# DistillationLoss (utils/distill/loss.py) is re-exported here: `from utils.loss import DistillationLoss`.
 __all__ = ["BranchTargets", "DetectionLoss", "DistillationLoss", "GroundTruth"]
 
 # Values of hyp.scratch-high.yaml, used only for keys a user's hyp file leaves out.
