@@ -489,6 +489,12 @@ def test_teacher_assignment_takes_the_teachers_targets_and_trains_only_the_stude
     assert student.model[0].conv.weight.grad is not None
     with pytest.raises(UserError, match="distill_assign teacher"):  # the teacher's grid must be the student's
         DistillationLoss(detection, student, teacher, hyp, img=64, teacher_img=96)
+    # with a KD warm-up, w is 0 at the first step, and the teacher's assignment acts all the same
+    warm = DistillationLoss(detection, student, teacher, {**hyp, "distill_cls": 1.0, "distill_warmup_steps": 100})
+    assert warm.weight(0, 10, step=0) == 0.0 and warm.active(0, 10)
+    _, warm_items = warm(maps, teacher_maps, _targets(), step=0)
+    torch.testing.assert_close(warm_items["cls"], items[1].detach())
+    assert warm_items["distill/total"] == 0
 
 
 def test_terms_are_float32_under_autocast(gelan_pair):
@@ -568,7 +574,7 @@ def test_on_epoch_start_freezes_backbone_for_the_first_epochs(gelan_pair):
     for epoch, expected in [(0, False), (1, False), (2, True), (3, True)]:
         loss_fn.on_epoch_start(student, epoch, 10)
         assert first_weight.requires_grad is expected and neck_weight.requires_grad
-    assert math.isfinite(float(loss_fn.weight(0, 10)))
+    assert loss_fn.weight(0, 10) == 1.0  # the freeze holds the backbone, not KD: its weight is whole
 
 
 # ------------------------------------------------------------------------------ teacher precision
