@@ -3,7 +3,6 @@ modules, the teacher's dtype under autocast, the stop epoch end to end, a resume
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -13,18 +12,13 @@ import train
 import train_distill
 from utils.checkpoint import load_checkpoint
 from utils.engine import Trainer
-from utils.synthetic import generate
 from utils.train_args import build_parser
 
+from tests.helpers import HYP_DISTILL, interrupt_after_epoch
+from tests.helpers import results_rows as _rows
+from tests.helpers import train_argv as _args
+
 ROOT = Path(__file__).resolve().parents[1]
-STUDENT = str(ROOT / "models" / "detect" / "yolov9-tiny.yaml")
-HYP_LOW = str(ROOT / "hyp" / "hyp.scratch-low.yaml")
-HYP_DISTILL = str(ROOT / "hyp" / "hyp.distill.yaml")
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> str:
-    return str(generate(tmp_path_factory.mktemp("syn"), n_train=8, n_val=4, img_size=96, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +27,6 @@ def teacher(tiny_data, tmp_path_factory) -> str:
     project = tmp_path_factory.mktemp("teacher")
     train.main(_args(tiny_data, project, "t", epochs=1, cfg=str(ROOT / "models" / "detect" / "gelan-s.yaml")))
     return str(project / "t" / "weights" / "best.pt")
-
-
-def _args(data: str, project: Path, name: str, epochs: int = 2, extra: tuple[str, ...] = (),
-          cfg: str = STUDENT) -> list[str]:
-    return ["--cfg", cfg, "--data", data, "--img", "64", "--batch", "4", "--epochs", str(epochs),
-            "--workers", "0", "--device", "cpu", "--project", str(project), "--name", name, "--noplots",
-            "--hyp", HYP_LOW, "--max-batches", "2", *extra]
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "results.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _hyp(folder: Path, name: str, lines: str) -> str:
@@ -61,18 +43,10 @@ def test_resume_with_connectors_mgd_and_crosskd_equals_an_uninterrupted_run(tiny
                                  "distill_stop_epoch: -1\n")
     extra = ("--teacher", teacher, "--hyp", hyp)
     Trainer(build_parser(distill=True).parse_args(_args(tiny_data, tmp_path, "full", 3, extra))).train()
-    original = Trainer.after_epoch
-
-    def crash_after_second_epoch(self, epoch, row, elapsed):
-        out = original(self, epoch, row, elapsed)
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(Trainer, "after_epoch", crash_after_second_epoch)
+    interrupt_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         Trainer(build_parser(distill=True).parse_args(_args(tiny_data, tmp_path, "cut", 3, extra))).train()
-    monkeypatch.setattr(Trainer, "after_epoch", original)
+    monkeypatch.undo()
     train_distill.main(["--resume", str(tmp_path / "cut" / "weights" / "last.pt")])
     full = load_checkpoint(tmp_path / "full" / "weights" / "last.pt")
     resumed = load_checkpoint(tmp_path / "cut" / "weights" / "last.pt")
@@ -89,16 +63,10 @@ def test_resume_with_connectors_mgd_and_crosskd_equals_an_uninterrupted_run(tiny
 def test_resume_with_another_teacher_is_refused(tiny_data, teacher, tmp_path, monkeypatch, capsys):
     copy = tmp_path / "teacher.pt"
     copy.write_bytes(Path(teacher).read_bytes())
-    original = Trainer.after_epoch
-
-    def crash(self, epoch, row, elapsed):
-        original(self, epoch, row, elapsed)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "after_epoch", crash)
+    interrupt_after_epoch(monkeypatch, 0)
     with pytest.raises(KeyboardInterrupt):
         train_distill.main(_args(tiny_data, tmp_path, "run", 2, ("--teacher", str(copy), "--hyp", HYP_DISTILL)))
-    monkeypatch.setattr(Trainer, "after_epoch", original)
+    monkeypatch.undo()
     ckpt = load_checkpoint(tmp_path / "run" / "weights" / "last.pt")  # the file at the path now holds other bytes
     other = torch.load(copy, weights_only=True)
     other["date"] = "another teacher"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import subprocess
@@ -19,26 +18,11 @@ from utils.engine import Trainer
 from utils.synthetic import generate
 from utils.train_args import build_parser
 
+from tests.helpers import HYP_DISTILL, HYP_LOW, STUDENT_YAML as STUDENT, interrupt_after_epoch
+from tests.helpers import results_rows as _rows
+from tests.helpers import train_argv as _args
+
 ROOT = Path(__file__).resolve().parents[1]
-STUDENT = str(ROOT / "models" / "detect" / "yolov9-tiny.yaml")
-HYP_LOW = str(ROOT / "hyp" / "hyp.scratch-low.yaml")
-HYP_DISTILL = str(ROOT / "hyp" / "hyp.distill.yaml")
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> str:
-    return str(generate(tmp_path_factory.mktemp("syn"), n_train=8, n_val=4, img_size=96, seed=0))
-
-
-def _args(data: str, project: Path, name: str, epochs: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
-    return ["--cfg", STUDENT, "--data", data, "--img", "64", "--batch", "4", "--epochs", str(epochs),
-            "--workers", "0", "--device", "cpu", "--project", str(project), "--name", name, "--noplots",
-            "--hyp", HYP_LOW, "--max-batches", "2", *extra]
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "results.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_train_writes_run_folder(tiny_data, tmp_path):
@@ -68,19 +52,10 @@ def test_a_new_run_in_an_existing_folder_starts_its_results_anew(tiny_data, tmp_
 
 def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     Trainer(build_parser().parse_args(_args(tiny_data, tmp_path, "full", epochs=3))).train()
-
-    original = Trainer.after_epoch
-
-    def crash_after_second_epoch(self, epoch, row, elapsed):
-        out = original(self, epoch, row, elapsed)
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(Trainer, "after_epoch", crash_after_second_epoch)
+    interrupt_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         Trainer(build_parser().parse_args(_args(tiny_data, tmp_path, "cut", epochs=3))).train()
-    monkeypatch.setattr(Trainer, "after_epoch", original)
+    monkeypatch.undo()
     assert load_checkpoint(tmp_path / "cut" / "weights" / "last.pt")["epoch"] == 1
 
     train.main(_args(tiny_data, tmp_path, "ignored", epochs=3, extra=("--resume",
@@ -129,16 +104,10 @@ def test_distillation_logs_terms_and_resumes(tiny_data, tmp_path, monkeypatch):
     assert ckpt["extra"]["teacher"]["path"] == teacher and len(ckpt["extra"]["teacher"]["sha256"]) == 64
     assert not any(k.startswith("teacher") for k in ckpt["state_dict"])  # never saved into the student
 
-    original = Trainer.after_epoch
-
-    def crash(self, epoch, row, elapsed):
-        original(self, epoch, row, elapsed)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "after_epoch", crash)
+    interrupt_after_epoch(monkeypatch, 0)
     with pytest.raises(KeyboardInterrupt):
         train_distill.main(_args(tiny_data, tmp_path, "cut", epochs=2, extra=("--teacher", teacher, "--hyp", HYP_DISTILL)))
-    monkeypatch.setattr(Trainer, "after_epoch", original)
+    monkeypatch.undo()
     train_distill.main(["--resume", str(tmp_path / "cut" / "weights" / "last.pt")])
     assert [int(r["epoch"]) for r in _rows(tmp_path / "cut")] == [0, 1]
 
