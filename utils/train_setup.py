@@ -11,6 +11,7 @@ import yaml
 from torch import nn
 
 from models.yolo import DetectionModel
+from utils.backbone_weights import start_backbone
 from utils.checkpoint import load_checkpoint, load_model
 from utils.distill.config import TEACHER_DTYPES
 from utils.errors import UserError
@@ -70,12 +71,18 @@ def build_model(opt: argparse.Namespace, nc: int, names: list[str]) -> Detection
     """The model to train: from ``--cfg``, initialised from ``--weights`` when given.
 
     With weights and no cfg, the checkpoint's own architecture is used (also for pruned models);
-    with both, matching tensors are transferred into the cfg's architecture.
+    with both, matching tensors are transferred into the cfg's architecture. A model built from
+    ``--cfg`` first gets the pretrained backbone that ``--backbone-weights`` or the yaml's
+    ``backbone_weights`` key names (``utils.backbone_weights``); ``--weights`` then overrides the
+    tensors it has.
     """
     if not opt.cfg and not opt.weights:
         raise UserError("give a model: --cfg models/detect/<model>.yaml and/or --weights <file>.pt")
     if opt.cfg and not Path(opt.cfg).is_file():
         raise UserError(f"--cfg {opt.cfg} does not exist")
+    if getattr(opt, "backbone_weights", "") and not opt.cfg and not getattr(opt, "resume", False):
+        raise UserError("--backbone-weights needs --cfg (the student's model yaml): with --weights alone every "
+                        "weight comes from that checkpoint")
     if opt.weights:
         pretrained = load_model(opt.weights)
         pruned = _state_shapes(pretrained) != _state_shapes(DetectionModel(pretrained.yaml, nc=pretrained.nc))
@@ -84,6 +91,7 @@ def build_model(opt: argparse.Namespace, nc: int, names: list[str]) -> Detection
                             f"with its {pretrained.nc} classes (a new architecture would undo the pruning)")
         if opt.cfg:
             model = DetectionModel(opt.cfg, nc=nc)
+            start_backbone(model, opt, opt.cfg)
             count = transfer_weights(model, pretrained.state_dict())
             LOGGER.info(f"transferred {count}/{len(model.state_dict())} tensors from {opt.weights}")
         elif pretrained.nc != nc:
@@ -94,6 +102,7 @@ def build_model(opt: argparse.Namespace, nc: int, names: list[str]) -> Detection
             model = pretrained
     else:
         model = DetectionModel(opt.cfg, nc=nc)
+        start_backbone(model, opt, opt.cfg)
     model.names = list(names)
     model.nc = nc
     model.train()
