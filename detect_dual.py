@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--conf-thres", type=float, default=0.25, help="confidence threshold")
     add("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
     add("--max-det", type=int, default=1000, help="detections kept per image")
-    add("--device", default="", help="cuda device (0) or cpu")
+    add("--device", default="", help="cuda device (0) or cpu; '' = the first GPU, else the CPU")
     add("--view-img", action="store_true", help="show results in a window")
     add("--save-txt", action="store_true", help="save YOLO txt labels (normalised cls cx cy w h)")
     add("--save-conf", action="store_true", help="add the confidence to --save-txt lines")

@@ -5,6 +5,7 @@ Examples:
     python export.py --weights best.pt --half                                  # FP16 ONNX (strongly typed build)
     python export.py --weights best.pt --int8 --data data.yaml                 # INT8 Q/DQ ONNX, calibrated
     python export.py --weights best.pt --include onnx --end2end --topk-all 100 --iou-thres 0.45 --conf-thres 0.25
+    python export.py --weights best.pt --include onnx_end2end                  # YOLOv9's spelling of the same
     python export.py --weights best.pt --half --include onnx engine --device 0  # engine needs TensorRT 10 or 11
 Without TensorRT the ONNX file is written and the trtexec command for the device is printed.
 """
@@ -28,25 +29,31 @@ from utils.quantize import (CALIB_METHODS, DEFAULT_CALIB_IMAGES, MIN_CALIB_IMAGE
                             check_calibration)
 
 FORMATS = ("onnx", "engine")
+END2END_FORMAT = "onnx_end2end"  # YOLOv9's --include spelling of onnx with --end2end
+NMS_BACKENDS = ("trt", "ort")
+DEFAULT_NMS = "trt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--weights", required=True, help="model checkpoint (.pt, ours or official YOLOv9)")
-    add("--include", nargs="+", default=["onnx"], help=f"formats: {', '.join(FORMATS)} (engine implies onnx)")
+    add("--include", nargs="+", default=["onnx"],
+        help=f"formats: {', '.join(FORMATS)} (engine implies onnx); {END2END_FORMAT} = onnx with --end2end")
     add("--img", "--imgsz", "--img-size", dest="img", nargs="+", type=int, default=[640], help="image size h [w]")
     add("--batch", "--batch-size", dest="batch", type=int, default=1, help="batch size (the fixed one unless --dynamic)")
-    add("--device", default="", help="cpu or cuda device (0); default: the first GPU, else the CPU")
+    add("--device", default="", help="cpu or cuda device (0); '' = the first GPU, else the CPU")
     add("--half", action="store_true", help="FP16 ONNX (convs FP16, decode/NMS FP32, FP32 I/O): an FP16 engine")
     add("--fp16-io", action="store_true", help="with --half: FP16 input (and plain output) instead of FP32")
     add("--dynamic", action="store_true", help="dynamic batch and image size axes")
     add("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
-    add("--opset", type=int, default=DEFAULT_OPSET)
+    add("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (at least {MIN_OPSET})")
     add("--transpose", action="store_true", help="output [B, anchors, 4+nc] instead of [B, 4+nc, anchors]")
-    add("--end2end", action="store_true", help="NMS inside the graph")
-    add("--nms", choices=["trt", "ort"], default="trt",
-        help="end2end NMS: trt = EfficientNMS_TRT plugin (TensorRT), ort = standard ONNX NonMaxSuppression")
+    add("--end2end", action="store_true", help=f"NMS inside the graph, with the --nms back-end ({DEFAULT_NMS} "
+        "unless given)")
+    add("--nms", nargs="?", const=DEFAULT_NMS, default=None, choices=NMS_BACKENDS,
+        help="NMS inside the graph (implies --end2end) with this back-end: trt = EfficientNMS_TRT plugin "
+             f"(TensorRT), ort = standard ONNX NonMaxSuppression; a bare --nms means {DEFAULT_NMS}")
     add("--topk-all", type=int, default=100, help="end2end: detections kept per image")
     add("--iou-thres", type=float, default=0.45, help="end2end: NMS IoU threshold")
     add("--conf-thres", type=float, default=0.25, help="end2end: score threshold")
@@ -60,14 +67,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="TensorRT major version of the printed trtexec line (auto: the installed one, else both)")
     add("--workspace", type=float, default=None,
         help=f"TensorRT workspace in GiB (default 4 here, {ORIN_NANO_WORKSPACE_MIB} MiB in the printed trtexec line)")
-    return parser.parse_args(argv)
+    return normalize_args(parser.parse_args(argv))
+
+
+def normalize_args(opt: argparse.Namespace) -> argparse.Namespace:
+    """Fold the YOLOv9 spellings into ours: ``--include onnx_end2end`` is ``onnx`` plus ``--end2end``, and
+    ``--nms`` (bare or with a back-end) turns NMS on; ``opt.nms`` is then always a back-end name."""
+    if END2END_FORMAT in opt.include:
+        rest = [f for f in opt.include if f != END2END_FORMAT]
+        opt.include = rest if "onnx" in rest else ["onnx", *rest]
+        opt.end2end = True
+    if opt.nms is not None:
+        opt.end2end = True
+    opt.nms = opt.nms or DEFAULT_NMS
+    return opt
 
 
 def check_args(opt: argparse.Namespace) -> None:
     """Raise UserError for flags that cannot work together, before any model is loaded."""
     unknown = [f for f in opt.include if f not in FORMATS]
     if unknown:
-        raise UserError(f"--include {' '.join(unknown)}: unknown format (choose from {', '.join(FORMATS)})")
+        raise UserError(f"--include {' '.join(unknown)}: unknown format (choose from "
+                        f"{', '.join((*FORMATS, END2END_FORMAT))})")
     if opt.int8 and not opt.data:
         raise UserError("--int8 needs calibration images: add --data data.yaml")
     if opt.int8 and opt.dynamic:

@@ -34,11 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--scope", default="uniform", choices=list(SCOPES),
         help="the same ratio in every layer group, or one global ranking")
     add("--img", "--imgsz", "--img-size", dest="img", type=int, default=640, help="image size for GFLOPs and --data")
-    add("--out", default="", help="pruned checkpoint (default: <weights>-pruned<ratio%%>.pt next to --weights)")
-    add("--data", default="", help="data.yaml: validate before and after pruning (optional)")
+    add("--out", default="", help="pruned checkpoint ('' = <weights>-pruned<ratio%%>.pt next to --weights)")
+    add("--data", default="", help="data.yaml: validate before and after pruning ('' = no validation)")
     add("--batch", "--batch-size", dest="batch", type=int, default=32, help="batch size of the --data validation")
     add("--workers", type=int, default=8, help="data loader workers of the --data validation")
-    add("--device", default="", help="device of the --data validation (pruning runs on the CPU)")
+    add("--device", default="", help="device of the --data validation, '' = the first GPU, else the CPU (pruning runs on the CPU)")
     return parser.parse_args(argv)
 
 

@@ -4,6 +4,7 @@ Example:
     python train.py --cfg models/detect/gelan-s.yaml --data data/bccd.yaml --hyp hyp/hyp.scratch-high.yaml \
         --img 640 --batch 16 --epochs 100 --close-mosaic 10 --name gelan-s
     torchrun --nproc_per_node 2 train.py ...   # several GPUs
+    python -m torch.distributed.launch --nproc_per_node 2 train.py ...   # the same, through --local-rank
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from utils.engine import run
 from utils.errors import cli_main
 from utils.log import setup_logging
-from utils.train_args import build_parser
+from utils.train_args import apply_local_rank, build_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,7 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    return run(parse_args(argv))
+    opt = parse_args(argv)
+    apply_local_rank(opt)
+    return run(opt)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 from utils.engine import run
 from utils.errors import UserError, cli_main
 from utils.log import setup_logging
-from utils.train_args import build_parser
+from utils.train_args import apply_local_rank, build_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     opt = parse_args(argv)
+    apply_local_rank(opt)
     if not opt.teacher and not opt.resume:
         raise UserError("--teacher is required: a checkpoint of a trained teacher (ours or official YOLOv9)")
     return run(opt)

@@ -1,7 +1,8 @@
 """Every export layout converts BCCD to the same classes and boxes; bad input is reported, not fatal.
 
 Each layout is built once per module from the bundled BCCD (tests/export_fixtures.py: laid out the
-way VOCdevkit, LabelImg and Roboflow write them) and converted once; the tests read the result.
+way VOCdevkit, LabelImg and Roboflow write them, and as public sets ship them, e.g. ``images/`` +
+``annots/``) and converted once; the tests read the result.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 
 from export_fixtures import (BCCD, BCCD_BOXES, BCCD_DEGENERATE, BCCD_IMAGES, BCCD_SPLITS, DIFFICULT,
                              NO_EXTENSION, NO_FILENAME, NO_SIZE, STALE_FILENAME, ZERO_SIZE, Obj, image_of,
-                             labelimg_xml, make_devkit, make_flat, make_labelimg, make_roboflow_coco,
+                             labelimg_xml, link, make_devkit, make_flat, make_labelimg, make_roboflow_coco,
                              make_roboflow_voc, make_roboflow_yolo, original_stem, read_bccd)
 from utils.convert import convert_coco_export, convert_voc, main
 from utils.convert.writer import assign_splits, random_split
@@ -82,12 +83,14 @@ def test_vocdevkit_with_two_years_merges_their_splits(work, bccd, reference):
     assert single.images == {"train": 102, "val": 43}  # the odd-numbered half of train and val
 
 
-@pytest.fixture(scope="module", params=[("images", "annotations"), ("Images", "Annotations")])
+@pytest.fixture(scope="module", params=[("images", "annotations"), ("Images", "Annotations"), ("images", "annots")])
 def flat(request, work, bccd):
+    """Two folders, no split files; ``annots/``: the XML folder has none of the usual names, and no XML
+    has an image beside it (only the file names pair them)."""
     objects, _ = bccd
     images, annotations = request.param
-    src = make_flat(work / f"flat-{images}", objects, images, annotations)
-    dst = work / f"flat-{images}-out"
+    src = make_flat(work / f"flat-{images}-{annotations}", objects, images, annotations)
+    dst = work / f"flat-{images}-{annotations}-out"
     return convert_voc(src, dst, val_fraction=VAL, test_fraction=TEST, seed=SEED), dst
 
 
@@ -96,12 +99,49 @@ def test_flat_folders_get_a_deterministic_split(flat, reference, work):
     splits = assert_bccd(result, dst, reference, SORTED_NAMES, RANDOM_SPLIT)
     assert any("layout 'flat'" in n for n in result.notes)
     assert any("364 images split by seed 0 into 255 train, 73 val, 36 test" in n for n in result.notes)
-    # Both spellings of the folders hold the same files: the split has to come out the same.
+    # Every spelling of the folders holds the same files: the split has to come out the same.
     record = work / "flat-split.txt"
     text = "\n".join(f"{s}: {' '.join(sorted(stems))}" for s, stems in sorted(splits.items()))
     if record.is_file():
         assert record.read_text() == text
     record.write_text(text)
+
+
+def test_xml_finds_its_image_by_name_wherever_it_is(tmp_path, bccd, reference):
+    """XML files named unlike their images, images in sub-folders of a folder of another name: each
+    pair is made by the XML's own stem, its <filename> or the end of its <path>; between two images of
+    the same name the folder at the end of <path> decides. Linked folders are followed once; the output
+    folder inside the export is not searched on a second run."""
+    objects, _ = bccd
+    names = ["Platelets", "RBC", "WBC"]
+    src = tmp_path / "export"
+    by_filename, by_path, by_stem, twin = "BloodImage_00000", "BloodImage_00001", "BloodImage_00002", "BloodImage_00003"
+    link(image_of(by_filename), src / "pics" / "batch1" / f"{by_filename}.jpg")
+    link(image_of(by_path), tmp_path / "elsewhere" / f"{by_path}.jpg")
+    link(tmp_path / "elsewhere", src / "pics" / "batch2")  # a linked folder is followed
+    link(src, src / "pics" / "loop")  # a link back up is walked once
+    link(image_of(by_stem), src / "pics" / f"{by_stem}.jpg")
+    link(image_of(twin), src / "pics" / "b" / f"{twin}.jpg")
+    link(image_of("BloodImage_00004"), src / "pics" / "a" / f"{twin}.jpg")  # same name, other picture
+    xml_dir = src / "meta"
+    xml_dir.mkdir()
+    (xml_dir / "label_0001.xml").write_text(labelimg_xml("x", f"{by_filename}.jpg", "/home/u/elsewhere.jpg",
+                                                         (640, 480), objects[by_filename]))
+    (xml_dir / "label_0002.xml").write_text(labelimg_xml("x", None, f"C:\\lab\\{by_path}.jpg", (640, 480),
+                                                         objects[by_path]))
+    (xml_dir / f"{by_stem}.xml").write_text(labelimg_xml("x", "renamed.jpg", "p", (640, 480), objects[by_stem]))
+    (xml_dir / "label_0004.xml").write_text(labelimg_xml("x", f"{twin}.jpg", f"D:\\cells\\b\\{twin}.jpg",
+                                                         (640, 480), objects[twin]))
+    dst = src / "yolo"
+    for _ in range(2):
+        result = convert_voc(src, dst, names=names, val_fraction=0.25, seed=SEED)
+        assert any("layout 'flat'" in n and str(xml_dir) in n for n in result.notes)
+        assert result.problem_counts == {"image without annotation": 1}  # pics/a/, not the output's images
+        assert sum(result.images.values()) == 4
+        boxes, _ = converted_boxes(dst, names)
+        assert boxes == {s: reference[s] for s in (by_filename, by_path, by_stem, twin)}
+        chosen = next(dst.glob(f"images/*/{twin}.jpg"))
+        assert chosen.resolve() == image_of(twin).resolve()  # pics/a/ links to another picture
 
 
 def test_random_split_is_deterministic_and_follows_the_seed():

@@ -4,12 +4,17 @@
 There is no TensorRT and no GPU here: these tests check which API our code calls and what it asks
 for (network flags, builder flags, profiling verbosity), how it reads the engine inspector's JSON of
 either version, and that the .engine back-end's name-based I/O gives the same predictions as ONNX
-Runtime on the same graph. They do not check TensorRT's own kernels or numerics.
+Runtime on the same graph. They do not check TensorRT's own kernels or numerics. The failures of a
+TensorRT that cannot run (its libraries missing: the real bindings wheel; CUDA that cannot start: a
+stand-in raising pybind11's error) must each end in one line.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +28,11 @@ from models.yolo import DetectionModel
 from tests.trt_standins import make_tensorrt
 from utils import export_trt
 from utils.backends import OnnxBackend, TensorRTBackend
-from utils.errors import UserError
+from utils.errors import UserError, cli_main
 from utils.export_onnx import export_onnx
 from utils.export_trt import (build_engine, check_engine_precision, conv_layer_precisions, layer_info_path,
                               trtexec_command)
+from utils.trt_runtime import cuda_object, load_tensorrt
 
 NAMES = ["RBC", "WBC", "Platelets"]
 REMOVED_TRTEXEC_FLAGS_11 = ("--fp16", "--int8", "--bf16", "--fp8", "--int4", "--best", "--calib")
@@ -237,3 +243,112 @@ def test_export_prints_typed_trtexec_lines(plain_onnx, tmp_path, monkeypatch, ca
     export.main(common + ["--trt-version", "11"])
     out = capsys.readouterr().out
     assert "TensorRT 11:" in out and "TensorRT 10:" not in out
+
+
+# ------------------------------------------------------------------- a TensorRT that cannot run here
+# NVIDIA's `tensorrt-cu12` package is this one file over the bindings and libraries wheels it depends on.
+NVIDIA_TENSORRT_INIT = "from tensorrt_bindings import *\nfrom tensorrt_bindings import __version__\n"
+
+
+@pytest.fixture
+def bindings_without_libraries(tmp_path, monkeypatch):
+    """The real ``tensorrt-cu12-bindings`` wheel (pinned in requirements.txt) under NVIDIA's ``tensorrt``
+    package, without ``tensorrt-cu12-libs``: what a half-finished ``pip install tensorrt`` leaves.
+    Importing it fails in the bindings' native module, which cannot find libnvinfer / libnvonnxparser."""
+    if importlib.util.find_spec("tensorrt_bindings") is None:
+        pytest.skip("tensorrt-cu12-bindings is not installed (pip install -r requirements.txt)")
+    try:
+        import tensorrt_bindings  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT's libraries load on this machine")
+    package = tmp_path / "site" / "tensorrt"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(NVIDIA_TENSORRT_INIT)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    assert export_trt.tensorrt_available()  # the package is there: only loading it fails
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+
+    model = DetectionModel("yolov9-tiny", nc=len(NAMES))
+    model.names = list(NAMES)
+    weights = tmp_path_factory.mktemp("weights") / "w.pt"
+    save_checkpoint(make_checkpoint(model, half=False), weights)
+    return weights
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    return errors[0]
+
+
+def test_tensorrt_without_its_libraries_is_one_line(bindings_without_libraries, plain_onnx, tmp_path):
+    """The build, the auto-version trtexec line and the .engine back-end each name the missing library."""
+    with pytest.raises(UserError) as info:
+        load_tensorrt()
+    message = str(info.value)
+    assert "cannot load its libraries" in message and re.search(r"libnv\w+\.so", message) and "\n" not in message
+    onnx_path = tmp_path / "tiny.onnx"
+    onnx_path.write_bytes(plain_onnx.read_bytes())
+    for device in (torch.device("cuda"), torch.device("cpu")):
+        with pytest.raises(UserError, match="cannot load its libraries"):
+            export_trt.engine_or_command(onnx_path, device, (64, 64), 32, 1, False, None)
+    # with the version given, the line for the device is printed without importing TensorRT
+    assert export_trt.engine_or_command(onnx_path, torch.device("cpu"), (64, 64), 32, 1, False, None, "10") is None
+    engine = tmp_path / "tiny.engine"
+    engine.write_bytes(b"\0")
+    with pytest.raises(UserError, match="cannot load its libraries"):
+        TensorRTBackend(engine, torch.device("cuda"))
+
+
+def test_entry_points_without_tensorrt_libraries_exit_2(bindings_without_libraries, tiny_weights, tmp_path, capsys):
+    """export.py --include engine and detect_dual.py on a .engine (default --source): one line, exit code 2."""
+    import detect_dual
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(tiny_weights.read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--weights", str(weights), "--img", "64", "--include", "onnx", "engine", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    line = _one_error_line(capsys)
+    assert "cannot load its libraries" in line and "--trt-version" in line
+    engine = tmp_path / "w.engine"
+    engine.write_bytes(b"\0")
+    with pytest.raises(SystemExit) as exit_info:
+        detect_dual.main(["--weights", str(engine), "--device", "cpu", "--project", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2 and "cannot load its libraries" in _one_error_line(capsys)
+
+
+def test_tensorrt_that_cannot_start_cuda_is_one_line(trt, plain_onnx, tmp_path, monkeypatch, capsys):
+    """trt.Builder / trt.Runtime returning nullptr (pybind11's TypeError): the build, export.py's engine
+    step and the .engine back-end say that TensorRT cannot start CUDA; other TypeErrors still pass."""
+    no_cuda = make_tensorrt(int(trt.__version__.split(".")[0]), cuda=False)
+    onnx_path = tmp_path / "tiny.onnx"
+    onnx_path.write_bytes(plain_onnx.read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(build_engine)(onnx_path, tmp_path / "tiny.engine", trt=no_cuda)
+    line = _one_error_line(capsys)
+    assert exit_info.value.code == 2 and "cannot start CUDA" in line and "trt.Builder" in line
+    assert "nullptr" in line and no_cuda.__version__ in line
+    monkeypatch.setitem(sys.modules, "tensorrt", no_cuda)
+    monkeypatch.setattr(export_trt, "tensorrt_available", lambda: True)
+    with pytest.raises(UserError, match="cannot start CUDA"):
+        export_trt.engine_or_command(onnx_path, torch.device("cuda"), (64, 64), 32, 1, False, None)
+    engine = tmp_path / "tiny.engine"
+    engine.write_bytes(b"{}")
+    with pytest.raises(UserError, match=r"cannot start CUDA \(trt\.Runtime"):
+        TensorRTBackend(engine, torch.device("cuda"))
+
+    def wrong_call(logger):
+        raise TypeError("__init__(): incompatible constructor arguments")
+
+    with pytest.raises(TypeError, match="incompatible"):
+        cuda_object(no_cuda, wrong_call, None)

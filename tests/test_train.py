@@ -177,7 +177,7 @@ def test_two_process_ddp_distillation_with_freezing_and_stop(tiny_data, tmp_path
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--cfg", "nope.yaml"], "nope.yaml"),
+    (["--data", "synthetic", "--cfg", "nope.yaml"], "nope.yaml"),
     (["--epochs", "x"], "--epochs"),
     (["--data", "missing.yaml", "--cfg", STUDENT], "missing.yaml"),
 ])

@@ -24,6 +24,10 @@ IEngineInspector migration pages):
   ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``); the binding-index API is absent in
   both (removed in 10.0). ``execute_async_v3`` runs the ONNX the engine was built from with ONNX
   Runtime on the CPU buffers whose addresses were set, so a back-end's results can be compared.
+- A TensorRT that cannot start CUDA (``make_tensorrt(major, cuda=False)``): ``Builder(logger)`` and
+  ``Runtime(logger)`` raise ``TypeError: pybind11::init(): factory function returned nullptr``, which
+  is what the real bindings raise when ``createInferBuilder`` / ``createInferRuntime`` return a null
+  pointer (pybind11's ``py::init`` factory check), after TensorRT has logged its CUDA error.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ ONNX_TO_TRT = {1: "FLOAT", 10: "HALF", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BO
 FORMAT_10 = {"fp32": "Row major linear FP32 format", "fp16": "Channel major FP16 format where channel % 8 == 0",
              "int8": "Thirty-two wide channel vectorized row major Int8 format"}
 DATATYPE_11 = {"fp32": "Float", "fp16": "Half", "int8": "Int8"}
+NULLPTR_ERROR = "pybind11::init(): factory function returned nullptr"
 
 
 class _Strict:
@@ -64,8 +69,9 @@ def _enum(name: str, members: dict[str, int]) -> type:
     return type(name, (), {key: value for key, value in members.items()})
 
 
-def make_tensorrt(major: int) -> types.ModuleType:
-    """A fresh stand-in ``tensorrt`` module of major version 10 or 11."""
+def make_tensorrt(major: int, cuda: bool = True) -> types.ModuleType:
+    """A fresh stand-in ``tensorrt`` module of major version 10 or 11; ``cuda=False``: one whose
+    Builder and Runtime cannot start CUDA (see the module docstring)."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = VERSIONS[major]
     trt._builders = []
@@ -177,6 +183,8 @@ def make_tensorrt(major: int) -> types.ModuleType:
         _fields = ("max_threads",)
 
         def __init__(self, logger: Logger) -> None:
+            if not cuda:
+                raise TypeError(NULLPTR_ERROR)
             self._logger = logger
             self._last_config: BuilderConfig | None = None
             self._last_network: Network | None = None
@@ -291,6 +299,8 @@ def make_tensorrt(major: int) -> types.ModuleType:
 
     class Runtime(_Strict):
         def __init__(self, logger: Logger) -> None:
+            if not cuda:
+                raise TypeError(NULLPTR_ERROR)
             self._logger = logger
 
         def deserialize_cuda_engine(self, data: bytes) -> Engine | None:

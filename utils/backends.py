@@ -17,6 +17,7 @@ import torch
 from utils.boxes import xyxy2xywh
 from utils.errors import UserError
 from utils.log import LOGGER
+from utils.trt_runtime import cuda_object, load_tensorrt
 
 DEFAULT_STRIDE = 32
 ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -210,15 +211,12 @@ class TensorRTBackend(Backend):
 
     def __init__(self, weights: Path, device: torch.device, half: bool = False, trt=None) -> None:
         if trt is None:
-            try:
-                import tensorrt as trt
-            except ImportError:
-                raise UserError("TensorRT is not installed: pip install tensorrt, or run on the device") from None
+            trt = load_tensorrt()
         if self.requires_cuda and device.type != "cuda":
             raise UserError(f"--weights {weights}: a TensorRT engine runs on a CUDA device, not --device {device}")
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)  # kept: the runtime must outlive its engine
+        self.runtime = cuda_object(trt, trt.Runtime, self.logger)  # kept: the runtime must outlive its engine
         self.engine = self.runtime.deserialize_cuda_engine(weights.read_bytes())
         if self.engine is None:
             raise UserError(f"--weights {weights}: TensorRT cannot load this engine (built with another "

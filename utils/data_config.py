@@ -39,12 +39,15 @@ PARENT_PREFIX = "../"  # Ultralytics: a split entry with it also resolves agains
 
 
 def _find_yaml(path: str | Path) -> Path:
-    """The yaml file itself, or a bare name such as ``synthetic.yaml`` found in the repo's data/."""
+    """The yaml file itself, or a bare name found in the repo's data/: ``bccd.yaml``, or ``synthetic``
+    without the ``.yaml``."""
     p = Path(path).expanduser()
     if p.is_file():
         return p.resolve()
-    if not p.is_absolute() and len(p.parts) == 1 and (DATA_DIR / p).is_file():
-        return (DATA_DIR / p).resolve()
+    if not p.is_absolute() and len(p.parts) == 1:
+        for name in (p.name, p.name + ".yaml"):
+            if (DATA_DIR / name).is_file():
+                return (DATA_DIR / name).resolve()
     raise UserError(f"--data {path}: file not found")
 
 

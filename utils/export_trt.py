@@ -30,6 +30,7 @@ from pathlib import Path
 from utils.errors import UserError
 from utils.export_onnx import TYPED_PRECISIONS, read_metadata
 from utils.log import LOGGER
+from utils.trt_runtime import cuda_object, load_tensorrt
 
 GIB = 1 << 30
 ORIN_NANO_WORKSPACE_MIB = 2048  # the Orin Nano shares 8 GB between CPU and GPU; 2 GB leaves room for the rest
@@ -63,7 +64,8 @@ def shape_profile(img_size: tuple[int, int], batch: int = 1, stride: int = 32,
 
 
 def tensorrt_available() -> bool:
-    """True when the ``tensorrt`` Python package can be imported."""
+    """True when a ``tensorrt`` Python package is installed; whether its libraries load is only known when
+    :func:`utils.trt_runtime.load_tensorrt` imports it (one line naming the cause when they do not)."""
     return importlib.util.find_spec("tensorrt") is not None
 
 
@@ -186,16 +188,16 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, workspace_gib: 
         trt: the ``tensorrt`` module (tests pass a stand-in); imported when None.
     Writes ``<engine>.layers.json`` (engine inspector) beside the engine.
     Raises:
-        UserError: the ONNX cannot be parsed, the build fails, or the engine's convolutions are not in
-            the precision the ONNX promises.
+        UserError: TensorRT cannot load its libraries or start CUDA, the ONNX cannot be parsed, the build
+            fails, or the engine's convolutions are not in the precision the ONNX promises.
     """
     if trt is None:
-        import tensorrt as trt
+        trt = load_tensorrt()
     precision = onnx_precision(onnx_path)
     typed = precision in TYPED_PRECISIONS
     weak = not typed and weak_fp16 and hasattr(trt.BuilderFlag, "FP16")
     trt_logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(trt_logger)
+    builder = cuda_object(trt, trt.Builder, trt_logger)
     # the flag by name: its bit changed between 10.x and 11.x (ignored there, strong typing is the only mode)
     flags = 0 if weak else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -232,7 +234,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, workspace_gib: 
 
 def inspect_engine(trt, trt_logger, serialized: bytes) -> dict:
     """The engine inspector's JSON of a serialised engine, as a dict."""
-    runtime = trt.Runtime(trt_logger)
+    runtime = cuda_object(trt, trt.Runtime, trt_logger)
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
         raise UserError("TensorRT cannot load the engine it has just built")
@@ -248,16 +250,21 @@ def engine_or_command(onnx_path: Path, device, img: tuple[int, int], stride: int
                       workspace_gib: float | None, trt_version: str = "auto") -> Path | None:
     """Build the engine here when TensorRT and a CUDA device are present, else print the ``trtexec``
     line(s) for the device: for ``trt_version`` 10 or 11, or with ``auto`` for the installed TensorRT
-    (both lines when there is none). Returns the engine path, or None when only printed."""
+    (both lines when there is none). Returns the engine path, or None when only printed.
+
+    A TensorRT that is installed but cannot load its libraries is a UserError both for the build and for
+    ``auto`` (its version is unknown then); ``trt_version`` 10 or 11 prints the line without it."""
     engine_path = onnx_path.with_suffix(".engine")
     profile = shape_profile(img, batch, stride) if dynamic else None
     if tensorrt_available() and device.type == "cuda":
         build_engine(onnx_path, engine_path, workspace_gib=workspace_gib or DEFAULT_WORKSPACE_GIB, profile=profile)
         return engine_path
     if trt_version == "auto" and tensorrt_available():
-        import tensorrt
-
-        versions = [trt_major(tensorrt)]
+        try:
+            versions = [trt_major(load_tensorrt())]
+        except UserError as exc:
+            raise UserError(f"{exc}; or print the trtexec line for the device with --trt-version "
+                            f"{' or '.join(map(str, TRT_VERSIONS))}") from None
     else:
         versions = list(TRT_VERSIONS) if trt_version == "auto" else [int(trt_version)]
     reason = "TensorRT is not installed" if not tensorrt_available() else "no CUDA device selected"

@@ -8,8 +8,9 @@
     python -m utils.convert prepare DATA.yaml
 
 VOC layouts (detected, or forced with ``--layout``): ``devkit`` (VOCdevkit/VOC2007, VOC2012, merged;
-ImageSets/Main splits), ``flat`` (images/ + annotations/ in any case), ``labelimg`` (XML beside each
-image), ``splits`` (train/ valid/ test/ folders, the Roboflow export); see :mod:`.voc_layout` and
+ImageSets/Main splits), ``splits`` (train/ valid/ test/ folders, the Roboflow export), ``flat`` (XML
+files in folders of any name, e.g. images/ + annots/), ``labelimg`` (XML beside each image); each XML
+finds its image by file name wherever it lies under the export; see :mod:`.voc_layout` and
 :mod:`.voc` for what is decided per file. COCO: one JSON per split folder (Roboflow's
 ``train/_annotations.coco.json``) or one JSON; see :mod:`.coco`. An export without splits is split
 deterministically (``--val-fraction``, ``--test-fraction``, ``--seed``) and the split is logged.

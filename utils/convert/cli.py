@@ -29,12 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m utils.convert",
                             description="Convert Pascal VOC or COCO exports to YOLO labels + data.yaml.")
     sub = parser.add_subparsers(dest="format", required=True, parser_class=ArgumentParser)
-    voc = sub.add_parser("voc", help="Pascal VOC XML: VOCdevkit, images/ + annotations/, LabelImg, "
-                                     "train/ valid/ test/ folders")
+    voc = sub.add_parser("voc", help="Pascal VOC XML: VOCdevkit, train/ valid/ test/ folders, XML and images "
+                                     "in folders of any name (paired by file name), LabelImg")
     voc.add_argument("src", help="the export's folder")
     voc.add_argument("dst", help="output folder")
     voc.add_argument("--layout", choices=LAYOUTS, default="auto",
-                     help="force a layout (flat: ignore ImageSets split files; default: detect)")
+                     help="force a layout (flat: ignore ImageSets split files; auto: detect)")
     voc.add_argument("--skip-difficult", action="store_true",
                      help="drop objects marked difficult (default: keep them as ordinary boxes)")
     _split_flags(voc)

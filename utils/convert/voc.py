@@ -2,10 +2,12 @@
 
 What the converter decides, file by file:
 
-- The image of an XML: the image with the XML's own name (``a.xml`` -> ``a.jpg``, any image
-  extension), else the one ``<filename>`` names (with or without its extension), else the file name
-  at the end of ``<path>`` (a path on the labeller's machine is never opened as such). An XML whose
-  ``<filename>`` names another file than its own is counted in the log.
+- The image of an XML, found by name among all the images under the folder the layout gives (the
+  export itself, a split folder, a VOC year's ``JPEGImages/``), in any sub-folder: the image with
+  the XML's own name (``a.xml`` -> ``a.jpg``, any image extension), else the one ``<filename>`` names
+  (with or without its extension), else the file name at the end of ``<path>`` (a path on the
+  labeller's machine is never opened as such). An XML whose ``<filename>`` names another file than
+  its own is counted in the log.
 - The image size: ``<size>`` when its width and height are above zero, else read from the image
   header. A ``<size>`` that disagrees with the image is reported; the boxes are normalised by
   ``<size>``, the frame they were drawn in.
@@ -132,8 +134,10 @@ def _entries(folders: list[VocFolder], problems: Problems, notes: list[str]) -> 
     return entries
 
 
-def _read_all(entries: list[_Entry], problems: Problems, notes: list[str]) -> list[_Entry]:
-    """Parse every XML and find its image; the entries that have both."""
+def _read_all(entries: list[_Entry], problems: Problems, notes: list[str], exclude: Path | None = None
+              ) -> list[_Entry]:
+    """Parse every XML and find its image (not under ``exclude``, the output folder); the entries that
+    have both."""
     indexes: dict[Path, ImageIndex] = {}
     matched: dict[Path, set[Path]] = {}
     usable, renamed, sized = [], 0, 0
@@ -145,7 +149,7 @@ def _read_all(entries: list[_Entry], problems: Problems, notes: list[str]) -> li
             continue
         folder = entry.folder.images
         if folder not in indexes:
-            indexes[folder] = ImageIndex(folder)
+            indexes[folder] = ImageIndex(folder, exclude)
         index = indexes[folder]
         ann = entry.annotation
         entry.image = index.match(entry.xml, ann.filename, ann.path)
@@ -221,10 +225,10 @@ def convert_voc(src: str | Path, dst: str | Path, copy: bool = False, names: lis
     """
     src, dst = Path(src), Path(dst)
     check_fractions(val_fraction, test_fraction)
-    found_layout, folders = find_layout(src, layout)
+    found_layout, folders = find_layout(src, layout, exclude=dst)
     problems, notes = Problems(), []
     note(notes, f"{src}: layout '{found_layout}' ({', '.join(str(f.annotations) for f in folders)})")
-    entries = _read_all(_entries(folders, problems, notes), problems, notes)
+    entries = _read_all(_entries(folders, problems, notes), problems, notes, exclude=dst)
     if not entries:
         problems.log()
         raise_empty(src, problems)
