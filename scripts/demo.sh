@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on the bundled BCCD data set, on the CPU: take the shipped teacher (gelan-s
-# trained 160 epochs on BCCD with nbs 16 by the command in README), distil a student from it, train the same student from
+# trained 160 epochs on BCCD with nbs 16 by the command in docs/training.md), distil a student from it, train the same student from
 # scratch with the same epochs and seed, validate all three, export them to ONNX and run detection
 # with the distilled student's ONNX file. Every step is the command a user would type.
 #
@@ -16,7 +16,7 @@ IMG=${DEMO_IMG:-256}
 BATCH=${DEMO_BATCH:-16}
 TEACHER=${DEMO_TEACHER-weights/gelan-s-bccd256-e160-nbs16.pt}   # empty: train a gelan-t teacher first (the smoke run)
 TEACHER_EPOCHS=${DEMO_TEACHER_EPOCHS:-60}
-STUDENT_EPOCHS=${DEMO_STUDENT_EPOCHS:-40}   # the distillation benchmark's schedule (README)
+STUDENT_EPOCHS=${DEMO_STUDENT_EPOCHS:-40}   # the 40-epoch setting of benchmarks/distill_gain_bccd.sh
 SEED=${DEMO_SEED:-0}
 MAX_BATCHES=${DEMO_MAX_BATCHES:-0}
 SOURCE=${DEMO_SOURCE:-datasets/bccd/images/test}
