@@ -295,3 +295,15 @@ def test_bad_nominal_batch_is_one_line_exit_2(tiny_data, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nbs" in err[0]
+
+
+def test_a_checkpoint_without_auto_settings_resumes_with_yolos_values():
+    """Runs record the nbs and weight average they chose; a checkpoint that has neither trained with
+    YOLO's fixed 64 / 0.9999 / 2000 and keeps them when resumed (not the automatic choice)."""
+    from utils.engine import legacy_resume_hyp
+
+    old = legacy_resume_hyp({"lr0": 0.01})
+    assert old["nbs"] == 64 and (old["ema_decay"], old["ema_tau"]) == (0.9999, 2000)
+    recorded = {"lr0": 0.01, "nbs": 16, "ema_decay": 0.97, "ema_tau": 13.0}
+    assert legacy_resume_hyp(recorded) == recorded
+    assert legacy_resume_hyp({"nbs": 16, "ema_epochs": 3}) == {"nbs": 16, "ema_epochs": 3}

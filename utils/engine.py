@@ -23,14 +23,14 @@ from utils.data_config import load_data_config
 from utils.datasets import close_mosaic, create_dataloader
 from utils.device import dist_info, rng_state, seed_everything, select_device, set_rng_state
 from utils.distill import DistillConfig, DistillStudent
-from utils.ema import ModelEMA, ema_choice, unwrap
+from utils.ema import DEFAULT_DECAY, DEFAULT_TAU, ModelEMA, ema_choice, unwrap
 from utils.errors import UserError
 from utils.evaluate import evaluate
 from utils.log import LOGGER
 from utils.loss import DetectionLoss, DistillationLoss
 from utils.metrics import fitness
-from utils.optim import (AUTO, accumulate_steps, apply_warmup, auto_nominal_batch, build_optimizer, lr_lambda,
-                         nominal_batch, scaled_weight_decay, warmup_accumulate, warmup_iterations)
+from utils.optim import (AUTO, NOMINAL_BATCH, accumulate_steps, apply_warmup, auto_nominal_batch, build_optimizer,
+                         lr_lambda, nominal_batch, scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.paths import increment_path
 from utils.run_logger import RunLogger
 from utils.train_setup import (build_model, file_sha256, find_resume_checkpoint, freeze_layers, load_hyp,
@@ -41,6 +41,17 @@ GRAD_CLIP_NORM = 10.0
 LOG_INTERVAL = 10  # steps between progress-bar refreshes (each one reads losses back from the device)
 MAX_NONFINITE_STEPS = 10  # consecutive skipped optimizer steps before the run is stopped
 PLOT_TRAIN_BATCHES = 3
+
+
+def legacy_resume_hyp(hyp: dict) -> dict:
+    """The hyp of a checkpoint to resume. Runs record the nbs and weight average they chose; a checkpoint
+    without them trained with YOLO's fixed values (nbs 64, decay 0.9999, ramp 2000), which it keeps, so
+    a resumed run goes on as it started instead of switching to the automatic choice."""
+    hyp = dict(hyp)
+    hyp.setdefault("nbs", NOMINAL_BATCH)
+    if not any(key in hyp for key in ("ema_epochs", "ema_decay", "ema_tau")):
+        hyp.update(ema_decay=DEFAULT_DECAY, ema_tau=DEFAULT_TAU)
+    return hyp
 
 
 class TrainingDiverged(UserError):
@@ -68,7 +79,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         seed_everything(opt.seed + self.dist.rank, deterministic=opt.deterministic)
-        self.hyp = load_hyp(opt.hyp) if self.resume_ckpt is None else dict(self.resume_ckpt["hyp"])
+        self.hyp = load_hyp(opt.hyp) if self.resume_ckpt is None else legacy_resume_hyp(self.resume_ckpt["hyp"])
         for flag, path in (("--cfg", opt.cfg), ("--weights", opt.weights), ("--teacher", getattr(opt, "teacher", ""))):
             if path and not Path(path).is_file():  # before the data set, which may take a while to prepare
                 raise UserError(f"{flag} {path} does not exist")
