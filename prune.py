@@ -18,8 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.errors import ArgumentParser, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.errors import ArgumentParser, cli_main
+from utils.core.log import LOGGER, setup_logging
 from utils.prune import MAX_RATIO, PRUNE_METHODS, SCOPES, PruneSummary, prune_weights
 
 ROOT = Path(__file__).resolve().parent

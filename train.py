@@ -13,8 +13,8 @@ import argparse
 import sys
 
 from utils.engine import run
-from utils.errors import cli_main
-from utils.log import setup_logging
+from utils.core.errors import cli_main
+from utils.core.log import setup_logging
 from utils.train_args import apply_local_rank, build_parser
 
 

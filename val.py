@@ -15,10 +15,10 @@ from pathlib import Path
 from utils.backends import load_backend
 from utils.data_config import load_data_config
 from utils.datasets import create_dataloader
-from utils.errors import ArgumentParser, UserError, cli_main
+from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.evaluate import evaluate, format_results
-from utils.log import LOGGER, setup_logging
-from utils.paths import increment_path
+from utils.core.log import LOGGER, setup_logging
+from utils.core.paths import increment_path
 
 ROOT = Path(__file__).resolve().parent
 TASKS = ("val", "test", "speed")

@@ -30,9 +30,9 @@ from typing import Sequence
 
 import torch
 
-from utils.atomic import atomic_write_text
-from utils.errors import ArgumentParser, UserError
-from utils.log import LOGGER
+from utils.core.atomic import atomic_write_text
+from utils.core.errors import ArgumentParser, UserError
+from utils.core.log import LOGGER
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = ROOT / "models" / "detect"
@@ -440,7 +440,7 @@ def cpu_name() -> str:
 
 def machine_info(device: str = "") -> dict:
     """GPU (or 'none'), CPU model and count, torch and Python versions, and the date."""
-    from utils.device import select_device
+    from utils.core.device import select_device
 
     gpu = "none"
     if torch.cuda.is_available() and device != "cpu":

@@ -54,9 +54,9 @@ from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_
                                fmt_spread, hyp_file, machine_info, markdown_table, mean_spread, model_cfg,
                                read_results_csv, report_header, resolve_data, results_path, train_rate,
                                training_parser, write_results)
-from utils.atomic import atomic_write_text
-from utils.errors import UserError, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.atomic import atomic_write_text
+from utils.core.errors import UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
 
 EPOCHS = 40
 TEACHER_EPOCHS = 60

@@ -23,8 +23,8 @@ from typing import Callable
 
 from benchmarks.common import (DRY, ROOT, Runner, TrainSettings, count_images, fmt, hyp_file, machine_info,
                                markdown_table, model_cfg, read_results_csv, resolve_data, train_rate)
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 TEACHER, STUDENT = "gelan-s", "yolov9-tiny"
 SCRATCH_HYP, DISTILL_HYP = "hyp.scratch-high.yaml", "hyp.distill.yaml"

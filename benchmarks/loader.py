@@ -39,10 +39,10 @@ import yaml
 from benchmarks.common import bccd_data
 from utils.data_config import load_data_config
 from utils.datasets import create_dataloader
-from utils.device import select_device
-from utils.errors import UserError, cli_main
+from utils.core.device import select_device
+from utils.core.errors import UserError, cli_main
 from utils.gpu_augment import GPUAugment
-from utils.log import LOGGER, setup_logging
+from utils.core.log import LOGGER, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 BCCD_ROOT = ROOT / "data" / "bccd"  # bundled in the repository

@@ -31,8 +31,8 @@ import numpy as np
 
 from benchmarks.common import RUNS_DIR, bccd_data, command_line, machine_info, markdown_table, report_header, \
     write_results
-from utils.errors import ArgumentParser, UserError, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.errors import ArgumentParser, UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quant_bccd"

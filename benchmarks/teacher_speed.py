@@ -32,8 +32,8 @@ import torch
 
 from benchmarks.common import command_line, fmt, machine_info, markdown_table, report_header, write_results
 from utils.checkpoint import load_model
-from utils.errors import UserError, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.errors import UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
 from utils.train_setup import load_teacher
 
 MS = 1e3

@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # started as `python benchmarks/train_bccd.py`: m
 from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, fmt,
                                fmt_spread, hyp_file, machine_info, markdown_table, model_cfg, report_header,
                                resolve_data, results_path, training_parser, write_results)
-from utils.errors import cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.errors import cli_main
+from utils.core.log import LOGGER, setup_logging
 
 DEFAULT_MODELS = ("gelan-s", "gelan-t")
 EPOCHS = 100

@@ -35,8 +35,8 @@ import torch
 from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line,
                                count_images, fmt, hyp_file, machine_info, markdown_table, model_cfg, read_results_csv,
                                report_header, resolve_data, results_path, train_rate, training_parser, write_results)
-from utils.errors import UserError, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.errors import UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
 
 EPOCHS = 20
 MODES = {"cpu": "train.py, CPU augmentation in the loader workers", "gpu": "train.py --gpu-augment"}
@@ -77,7 +77,7 @@ def random_batch(batch: int, img: int, nc: int, device: torch.device, seed: int)
 def gpu_only_rate(cfg: Path, hyp_path: Path, nc: int, opt: argparse.Namespace) -> dict:
     """(b): images/s of the engine's training step on one fixed random batch, no data loading."""
     from models.yolo import DetectionModel
-    from utils.device import select_device
+    from utils.core.device import select_device
     from utils.ema import ModelEMA
     from utils.engine import GRAD_CLIP_NORM
     from utils.loss import DetectionLoss

@@ -21,8 +21,8 @@ from torch import nn
 from models import backbones, common, heads
 from models.common import CHANNEL_DIVISOR, Conv, RepConvN, make_divisible
 from models.heads import DDetect, branch_maps
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 from utils.model_info import log_model_info
 
 DETECT_DIR = Path(__file__).resolve().parent / "detect"

@@ -17,7 +17,7 @@ from pathlib import Path
 from benchmarks.common import epoch_seconds, mean_spread
 from benchmarks.latency import time_onnxruntime
 from utils.checkpoint import load_checkpoint, load_model
-from utils.errors import ArgumentParser, UserError, cli_main
+from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.model_info import count_params, gflops
 
 RUNS = (("teacher", "teacher ({})"), ("student-scratch", "student ({}), scratch"),

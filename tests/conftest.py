@@ -15,7 +15,7 @@ BCCD = ROOT / "data" / "bccd"  # bundled in the repository (data/bccd/SOURCE.md)
 
 torch.set_num_threads(1)
 
-from utils.log import LOGGER  # noqa: E402  (after the root is on sys.path)
+from utils.core.log import LOGGER  # noqa: E402  (after the root is on sys.path)
 
 
 @pytest.fixture(autouse=True)

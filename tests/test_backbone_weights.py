@@ -28,7 +28,7 @@ from utils.backbone_weights import (
     cached_weights_path,
     load_backbone_weights,
 )
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.synthetic import generate
 from utils.train_args import build_parser
 from utils.train_setup import build_model

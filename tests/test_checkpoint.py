@@ -19,7 +19,7 @@ import torch
 from models.yolo import DetectionModel
 from utils.checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, load_model, make_checkpoint, save_checkpoint,
                               strip_checkpoint)
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 NC = 3
 NAMES = ["cell", "platelet", "rbc"]

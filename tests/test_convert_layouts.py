@@ -22,8 +22,8 @@ from utils.convert import convert_coco_export, convert_voc, main
 from utils.convert.writer import assign_splits, random_split
 from utils.data_config import load_data_config
 from utils.datasets import create_dataloader
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 SORTED_NAMES = ["Platelets", "RBC", "WBC"]  # no classes.txt in an export: the names found, sorted
 VAL, TEST, SEED = 0.2, 0.1, 0

@@ -15,7 +15,7 @@ from export_fixtures import BCCD, BCCD_SPLITS
 from utils.convert import main
 from utils.convert.prepare import MARKER
 from utils.data_config import load_data_config
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.label_check import list_image_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,11 +9,12 @@ import pytest
 import torch
 import yaml
 
-from utils import atomic, label_check, synthetic
+from utils import label_check, synthetic
+from utils.core import atomic
 from utils.boxes import scale_boxes, xywhn2xyxy
 from utils.data_config import load_data_config
 from utils.datasets import close_mosaic, create_dataloader
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RGB = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)], np.uint8)

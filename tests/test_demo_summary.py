@@ -10,7 +10,7 @@ import pytest
 from models.yolo import DetectionModel
 from scripts import demo_summary
 from utils.checkpoint import make_checkpoint, save_checkpoint
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from utils.distill.schedule import (backbone_end, distill_weight_at, resolve_sto
                                     set_backbone_trainable)
 from utils.distill.terms import (FEATURE_LOSSES, AttentionTransferLoss, CWDLoss, MGDLoss, PKDLoss, binary_kd,
                                  dfl_kd, softmax_kd)
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 HYP = ROOT / "hyp" / "hyp.distill.yaml"

@@ -28,7 +28,7 @@ from models.yolo import DetectionModel
 from tests.trt_standins import make_tensorrt
 from utils import export_trt
 from utils.backends import OnnxBackend, TensorRTBackend
-from utils.errors import UserError, cli_main
+from utils.core.errors import UserError, cli_main
 from utils.export_onnx import export_onnx
 from utils.export_trt import (build_engine, check_engine_precision, conv_layer_precisions, layer_info_path,
                               trtexec_command)

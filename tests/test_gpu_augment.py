@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from utils.augment import augment_hsv
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.gpu_augment import AugmentParams, GPUAugment, perspective_matrix
 
 SIZE = 128

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.loss import DEFAULT_HYP, BranchTargets, DetectionLoss
 
 ROOT = Path(__file__).resolve().parents[1]

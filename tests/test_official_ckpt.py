@@ -25,7 +25,7 @@ import official_ckpt_fixtures as fx
 from models.heads import branch_maps
 from models.yolo import reparameterize
 from utils.checkpoint import load_checkpoint, load_model, main as checkpoint_main
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.official_ckpt import MODULE_CLASSES, read_official
 
 ROOT = Path(__file__).resolve().parents[1]

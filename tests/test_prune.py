@@ -15,7 +15,7 @@ import prune as prune_cli
 from models.heads import branch_maps, main_output
 from models.yolo import DetectionModel
 from utils.checkpoint import load_checkpoint, load_model, make_checkpoint, save_checkpoint
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.model_info import count_params
 from utils.prune import (TraceBoundary, build_pruner, check_ratio, protected_layers, prune_model, prune_weights,
                          pruned_checkpoint)

@@ -209,7 +209,7 @@ def test_two_process_ddp_matches_single_process_shape(tmp_path):
 
 
 def test_hyp_base_is_merged_and_loops_refused(tmp_path):
-    from utils.errors import UserError
+    from utils.core.errors import UserError
     from utils.train_setup import load_hyp
 
     (tmp_path / "mine.yaml").write_text(f"base: [{HYP_DISTILL}, extra.yaml]\nnbs: 16\n")
@@ -243,7 +243,7 @@ def test_nominal_batch_hyp_sets_the_images_per_optimizer_step(tiny_data, tmp_pat
 
 
 def test_nominal_batch_values():
-    from utils.errors import UserError
+    from utils.core.errors import UserError
     from utils.optim import accumulate_steps, nominal_batch, scaled_weight_decay, warmup_accumulate
 
     assert nominal_batch({}) == 64 and nominal_batch({"nbs": 16}) == 16
@@ -274,7 +274,7 @@ def test_auto_nominal_batch(images, batch, nbs):
 
 def test_ema_auto_is_yolos_on_a_large_set_and_a_few_epochs_on_a_small_one():
     from utils.ema import ema_choice
-    from utils.errors import UserError
+    from utils.core.errors import UserError
 
     assert ema_choice({}, 118_287 / 64)[:2] == (0.9999, 2000.0)  # COCO at nbs 64
     decay, tau, reason = ema_choice({"ema_epochs": "auto"}, 13)  # BCCD at nbs 16: 13 updates per epoch

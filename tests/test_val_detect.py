@@ -10,7 +10,7 @@ import val
 from utils.augment import letterbox
 from utils.backends import load_backend
 from utils.boxes import scale_boxes
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.evaluate import evaluate
 from utils.sources import open_source
 

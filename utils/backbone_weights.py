@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from models.backbones import ConvBNAct, MobileV3Block, ShuffleV2Block, ShuffleV2Stage, ShuffleV2Stem
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 from utils.official_ckpt import exception_text
 
 IMAGENET = "imagenet"  # name: torchvision's default ImageNet weights of the matching architecture

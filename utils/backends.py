@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from utils.boxes import xyxy2xywh
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 from utils.trt_runtime import cuda_object, load_tensorrt
 
 DEFAULT_STRIDE = 32
@@ -310,7 +310,7 @@ def load_backend(weights: str | Path, device: str | torch.device = "cpu", half: 
     if backend_cls is None:
         raise UserError(f"--weights {weights}: unknown format '{weights.suffix}' (use .pt, .onnx or .engine)")
     if not isinstance(device, torch.device):
-        from utils.device import select_device
+        from utils.core.device import select_device
 
         device = select_device(device)
     return backend_cls(weights, device, half)

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from models.yolo import DetectionModel
-from utils.atomic import atomic_write
-from utils.ema import unwrap
-from utils.errors import ArgumentParser, UserError, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.atomic import atomic_write
+from utils.core.device import unwrap
+from utils.core.errors import ArgumentParser, UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
 from utils.official_ckpt import OfficialModel, check_file, exception_text, read_official
 
 CHECKPOINT_FORMAT = "yolo-distill/1"
@@ -173,7 +173,7 @@ def strip_checkpoint(ckpt: dict | str | Path, out: str | Path | None = None,
 
 
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
-    """Write ``ckpt`` to ``path`` atomically and durably (``utils.atomic``): the file is either the
+    """Write ``ckpt`` to ``path`` atomically and durably (``utils.core.atomic``): the file is either the
     old one or the complete new one, and a failed write (disk full, interrupt) leaves no temporary
     file behind. Returns ``path``."""
     return atomic_write(path, lambda f: torch.save(ckpt, f), durable=True)

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from utils.boxes import xyxy2xywh
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 BOX_DECIMALS = 3
 SCORE_DECIMALS = 5

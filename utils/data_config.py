@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "data"

@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils import augment as aug
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.label_check import list_image_files, load_labels
-from utils.log import LOGGER
+from utils.core.log import LOGGER
 
 # Augmentation keys read from the hyp dict; a missing key means "off".
 AUG_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",

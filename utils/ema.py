@@ -8,17 +8,12 @@ import math
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.core.device import unwrap
+from utils.core.errors import UserError
 from utils.optim import AUTO
 
 DEFAULT_DECAY = 0.9999
 DEFAULT_TAU = 2000
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
 
 AUTO_SMALL_EPOCHS = 3  # ema auto on a small set: average about the last 3 epochs

@@ -21,17 +21,17 @@ from tqdm import tqdm
 from utils.checkpoint import load_model, make_checkpoint, save_checkpoint, strip_checkpoint
 from utils.data_config import load_data_config
 from utils.datasets import close_mosaic, create_dataloader
-from utils.device import dist_info, rng_state, seed_everything, select_device, set_rng_state
+from utils.core.device import dist_info, rng_state, seed_everything, select_device, set_rng_state, unwrap
 from utils.distill import DistillConfig, DistillStudent
-from utils.ema import ModelEMA, ema_choice, unwrap
-from utils.errors import UserError
+from utils.ema import ModelEMA, ema_choice
+from utils.core.errors import UserError
 from utils.evaluate import evaluate
-from utils.log import LOGGER
+from utils.core.log import LOGGER
 from utils.loss import DetectionLoss, DistillationLoss
 from utils.metrics import fitness
 from utils.optim import (AUTO, accumulate_steps, apply_warmup, auto_nominal_batch, build_optimizer, lr_lambda,
                          nominal_batch, scaled_weight_decay, warmup_accumulate, warmup_iterations)
-from utils.paths import increment_path
+from utils.core.paths import increment_path
 from utils.run_logger import RunLogger
 from utils.train_setup import (build_model, file_sha256, find_resume_checkpoint, freeze_layers, load_hyp,
                                load_teacher, resolve_amp, resolve_teacher_dtype, resume_options,

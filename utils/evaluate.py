@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.boxes import scale_boxes, xywhn2xyxy, xyxy2xywhn
-from utils.log import LOGGER
+from utils.core.log import LOGGER
 from utils.metrics import ConfusionMatrix, DetectionStats, fitness
 from utils.nms import non_max_suppression
 

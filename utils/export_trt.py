@@ -27,9 +27,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.export_onnx import TYPED_PRECISIONS, read_metadata
-from utils.log import LOGGER
+from utils.core.log import LOGGER
 from utils.trt_runtime import cuda_object, load_tensorrt
 
 GIB = 1 << 30

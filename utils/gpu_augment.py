@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.augment import MAX_ASPECT_RATIO, MIN_AREA_FRACTION, MIN_BOX_PX, PAD_VALUE
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 # The grey border and the candidate-filter thresholds come from the CPU path (utils/augment.py)
 # so that both paths keep and drop the same boxes.

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from utils.atomic import atomic_write
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.atomic import atomic_write
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 IMG_FORMATS = frozenset({"bmp", "jpg", "jpeg", "png", "tif", "tiff", "webp", "mpo"})
 CACHE_VERSION = 1

@@ -18,7 +18,7 @@ from models.heads import branch_maps, flatten_maps
 from utils.assigner import TaskAlignedAssigner
 from utils.boxes import bbox2dist, bbox_iou, dist2bbox, make_anchors, xywh2xyxy
 from utils.distill import DistillationLoss
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 # DistillationLoss (utils/distill/loss.py) is re-exported here: `from utils.loss import DistillationLoss`.
 __all__ = ["BranchTargets", "DetectionLoss", "DistillationLoss", "GroundTruth"]

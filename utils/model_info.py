@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.log import LOGGER
+from utils.core.log import LOGGER
 
 DEFAULT_PROBE_SIZE = 32  # used when the model has no stride attribute
 # FLOPs per output element of modules the FlopCounterMode does not see (see above)

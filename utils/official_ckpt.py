@@ -42,7 +42,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 PICKLE_NAME = "data.pkl"
 BYTEORDER_NAME = "byteorder"

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 NOMINAL_BATCH = 64  # gradients are accumulated to this batch size (hyp ``nbs``); weight decay is scaled to it
 MIN_WARMUP_ITERS = 100

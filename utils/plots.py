@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from utils.boxes import xywh2xyxy
-from utils.log import LOGGER
+from utils.core.log import LOGGER
 
 # a hand-picked palette of well separated colours (RGB hex), cycled by class index
 PALETTE_HEX = ("E6194B", "3CB44B", "4363D8", "F58231", "911EB4", "42D4F4", "F032E6", "BFEF45",

@@ -52,7 +52,7 @@ from models.backbones import ShuffleV2Block
 from models.heads import DDetect, branch_maps
 from models.yolo import DetectionModel
 from utils.checkpoint import load_model, make_checkpoint, save_checkpoint
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.model_info import count_params, gflops
 
 MAX_RATIO = 0.9  # keep at least 10 % of every group; beyond that a detector is not fine-tunable

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_CALIB_IMAGES = 512  # more than BCCD's 205 train images: every image of a small set is used

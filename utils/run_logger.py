@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from utils.atomic import atomic_write
-from utils.log import LOGGER
+from utils.core.atomic import atomic_write
+from utils.core.log import LOGGER
 
 
 class RunLogger:

@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 import yaml
 
-from utils.atomic import swap_in_folder
-from utils.errors import UserError, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.atomic import swap_in_folder
+from utils.core.errors import UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
 
 CLASS_NAMES = ("circle", "ring", "triangle", "square", "star", "cross", "hexagon")
 SPLIT_CODES = {"train": 0, "val": 1}

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from utils.errors import ArgumentParser, UserError
+from utils.core.errors import ArgumentParser, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 HYP_DIR = ROOT / "hyp"
@@ -49,7 +49,7 @@ class TrainArgumentParser(ArgumentParser):
 
 def apply_local_rank(opt: argparse.Namespace) -> None:
     """Make ``--local-rank N`` (passed by ``python -m torch.distributed.launch``) act as torchrun's
-    ``LOCAL_RANK`` environment variable, which is what :func:`utils.device.dist_info` reads.
+    ``LOCAL_RANK`` environment variable, which is what :func:`utils.core.device.dist_info` reads.
 
     The launcher also sets ``LOCAL_RANK`` itself; a flag that disagrees with it is a UserError.
     """

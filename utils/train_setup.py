@@ -14,8 +14,8 @@ from models.yolo import DetectionModel
 from utils.backbone_weights import start_backbone
 from utils.checkpoint import load_checkpoint, load_model
 from utils.distill.config import TEACHER_DTYPES
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 HASH_CHUNK = 1 << 20
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 LIBRARIES_HINT = ("install the libraries of the same version (pip install tensorrt-cu12 brings tensorrt-cu12-libs) "
                   "or add TensorRT's lib folder to LD_LIBRARY_PATH")

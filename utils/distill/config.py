@@ -15,7 +15,7 @@ import math
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Sequence
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 SCHEDULES = ("constant", "linear", "cosine")
 CLS_TYPES = ("sigmoid", "softmax")

@@ -44,8 +44,8 @@ from utils.distill.crosskd import CrossKDHead
 from utils.distill.schedule import (backbone_end, backbone_frozen, distill_weight_at, resolve_stop_epoch,
                                     set_backbone_trainable)
 from utils.distill.terms import FEATURE_LOSSES, NEEDS_CONNECTOR, REG_MAX, binary_kd, dfl_kd, softmax_kd
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 # The teacher's foreground mass is clamped here: a batch where it sees nothing gives a mean, not a blow-up.
 MIN_TEACHER_MASS = 1.0

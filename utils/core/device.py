@@ -1,4 +1,4 @@
-"""Device selection, seeding and the distributed (torchrun) environment."""
+"""Device selection, seeding, the distributed (torchrun) environment and the wrappers it puts on a model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ def dist_info() -> DistInfo:
     """Read RANK / LOCAL_RANK / WORLD_SIZE as set by torchrun."""
     return DistInfo(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", -1)),
                     world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
 
 def select_device(device: str | int | None = "", local_rank: int = -1) -> torch.device:
