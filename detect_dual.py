@@ -18,10 +18,10 @@ import torch
 
 from utils.augment import letterbox
 from utils.backends import load_backend
-from utils.boxes import scale_boxes, xyxy2xywhn
+from utils.ops.boxes import scale_boxes, xyxy2xywhn
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
-from utils.nms import non_max_suppression
+from utils.ops.nms import non_max_suppression
 from utils.core.paths import increment_path
 from utils.plots import draw_detections
 from utils.sources import Frame, open_source

@@ -89,8 +89,8 @@ def model_predictions(weights: str, paths, img_size: int, max_det: int) -> list[
     """Run ``weights`` over the images (letterbox, NMS at the validation thresholds), original pixels."""
     from utils.augment import letterbox
     from utils.backends import load_backend
-    from utils.boxes import scale_boxes
-    from utils.nms import non_max_suppression
+    from utils.ops.boxes import scale_boxes
+    from utils.ops.nms import non_max_suppression
     from utils.sources import read_image
 
     backend = load_backend(weights, "")

@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from models.anchors import dist2bbox, make_anchors
 from models.common import Conv, make_divisible
-from utils.boxes import dist2bbox, make_anchors
 
 REG_MAX = 16  # DFL bins per box side
 BOX_GROUPS = 4  # the box branch's second conv and output conv are grouped per box side

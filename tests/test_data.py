@@ -11,7 +11,7 @@ import yaml
 
 from utils import label_check, synthetic
 from utils.core import atomic
-from utils.boxes import scale_boxes, xywhn2xyxy
+from utils.ops.boxes import scale_boxes, xywhn2xyxy
 from utils.data_config import load_data_config
 from utils.datasets import close_mosaic, create_dataloader
 from utils.core.errors import UserError

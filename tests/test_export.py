@@ -24,7 +24,7 @@ from utils.augment import letterbox
 from utils.backends import load_backend
 from utils.checkpoint import load_model, make_checkpoint, save_checkpoint
 from utils.export_onnx import TRT_OUTPUTS, EndToEnd, export_onnx, read_metadata
-from utils.nms import non_max_suppression
+from utils.ops.nms import non_max_suppression
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -116,7 +116,7 @@ def _random_predictions(batch: int, anchors: int, size: float = 160.0) -> torch.
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_end2end_ort_nms_matches_our_nms(tmp_path):
     """The NMS part of the 'ort' graph alone (an identity model, so both NMS see the same
-    predictions): same boxes, scores, classes and order as utils.nms, at most MAX_DET per image."""
+    predictions): same boxes, scores, classes and order as utils.ops.nms, at most MAX_DET per image."""
     wrapper = EndToEnd(nn.Identity(), "ort", MAX_DET, IOU, CONF).eval()
     preds = _random_predictions(2, 400)
     path = tmp_path / "nms.onnx"

@@ -9,7 +9,7 @@ import detect_dual
 import val
 from utils.augment import letterbox
 from utils.backends import load_backend
-from utils.boxes import scale_boxes
+from utils.ops.boxes import scale_boxes
 from utils.core.errors import UserError
 from utils.evaluate import evaluate
 from utils.sources import open_source

@@ -2,7 +2,7 @@
 
 Every back-end is called on a float ``Tensor[B, 3, H, W]`` (RGB, [0, 1]) and returns the decoded
 predictions ``Tensor[B, 4 + nc, A]`` (cx, cy, w, h in input pixels, sigmoid scores) on the same
-device, ready for ``utils.nms.non_max_suppression``.
+device, ready for ``utils.ops.nms.non_max_suppression``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.boxes import xyxy2xywh
+from utils.ops.boxes import xyxy2xywh
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
 from utils.trt_runtime import cuda_object, load_tensorrt

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.boxes import xyxy2xywh
+from utils.ops.boxes import xyxy2xywh
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
 

@@ -7,7 +7,7 @@ A batch is ``(imgs, targets, paths, shapes)``:
 - ``paths``: ``list[str]`` image files;
 - ``shapes``: per image ``((h0, w0), ((ratio_w, ratio_h), (pad_w, pad_h)))``, the letterbox that
   maps original pixels to batch pixels (``x = x0 * ratio_w + pad_w``) for
-  ``utils.boxes.scale_boxes``. A mosaic has no original image: it reports its own size and the
+  ``utils.ops.boxes.scale_boxes``. A mosaic has no original image: it reports its own size and the
   identity.
 """
 
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils import augment as aug
-from utils.boxes import xywhn2xyxy, xyxy2xywhn
+from utils.ops.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.core.errors import UserError
 from utils.label_check import list_image_files, load_labels
 from utils.core.log import LOGGER

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.boxes import scale_boxes, xywhn2xyxy, xyxy2xywhn
+from utils.ops.boxes import scale_boxes, xywhn2xyxy, xyxy2xywhn
 from utils.core.log import LOGGER
 from utils.metrics import ConfusionMatrix, DetectionStats, fitness
-from utils.nms import non_max_suppression
+from utils.ops.nms import non_max_suppression
 
 PLOT_BATCHES = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg
 COCO_EVAL_MAX_DET = 100

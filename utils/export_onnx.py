@@ -2,7 +2,7 @@
 
 Plain graphs output ``output0 Tensor[B, 4 + nc, A]`` (cx, cy, w, h in input pixels, sigmoid
 scores), or ``Tensor[B, A, 4 + nc]`` with ``transpose=True``. End-to-end graphs add NMS in one of
-two forms, both with the semantics of ``utils.nms.non_max_suppression(multi_label=False)``: each
+two forms, both with the semantics of ``utils.ops.nms.non_max_suppression(multi_label=False)``: each
 anchor keeps its best class only, boxes are suppressed per class (IoU > ``iou_thres``), a score must
 be strictly above ``conf_thres``, at most ``max_det`` boxes per image, highest score first.
 
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from models.heads import main_output
-from utils.boxes import xywh2xyxy
+from utils.ops.boxes import xywh2xyxy
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # NonMaxSuppression and the split/squeeze forms the exporter emits need 11-13

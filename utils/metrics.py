@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from utils.boxes import box_iou
+from utils.ops.boxes import box_iou
 
 # the same float values as COCO's np.linspace(.5, .95, 10), so boundary IoUs fall the same way
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from utils.boxes import xywh2xyxy
+from utils.ops.boxes import xywh2xyxy
 from utils.core.log import LOGGER
 
 # a hand-picked palette of well separated colours (RGB hex), cycled by class index

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from utils.boxes import bbox_iou
+from utils.ops.boxes import bbox_iou
 
 # Ranks non-candidate anchors below every candidate in the top-k, whose metric is >= 0.
 _NOT_A_CANDIDATE = -1.0

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torchvision.ops import batched_nms, nms
 
-from utils.boxes import xywh2xyxy
+from utils.ops.boxes import xywh2xyxy
 
 MAX_BOXES_INTO_NMS = 30_000  # beyond this the IoU matrix of torchvision's NMS gets slow and large
 
