@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from utils.augment import letterbox
+from utils.data.augment import letterbox
 from utils.backends import load_backend
 from utils.ops.boxes import scale_boxes, xyxy2xywhn
 from utils.core.errors import ArgumentParser, UserError, cli_main
@@ -24,7 +24,7 @@ from utils.core.log import LOGGER, setup_logging
 from utils.ops.nms import non_max_suppression
 from utils.core.paths import increment_path
 from utils.plots import draw_detections
-from utils.sources import Frame, open_source
+from utils.data.sources import Frame, open_source
 
 ROOT = Path(__file__).resolve().parent
 VIDEO_FOURCC = "mp4v"

@@ -125,8 +125,8 @@ def prepare_model(weights: str | Path, device: torch.device, half: bool = False)
 
 def calibration(opt: argparse.Namespace) -> CalibrationSettings:
     """INT8 calibration settings: the train split of ``--data`` (UserError when it has too few images)."""
-    from utils.data_config import load_data_config
-    from utils.datasets import image_files
+    from utils.data.config import load_data_config
+    from utils.data.dataset import image_files
 
     data = load_data_config(opt.data)
     images = image_files(data["train"]) if data["train"] else []

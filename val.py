@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from utils.backends import load_backend
-from utils.data_config import load_data_config
-from utils.datasets import create_dataloader
+from utils.data.config import load_data_config
+from utils.data.dataset import create_dataloader
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.evaluate import evaluate, format_results
 from utils.core.log import LOGGER, setup_logging

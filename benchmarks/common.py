@@ -160,7 +160,7 @@ def dry_run_data(work: Path) -> Path:
     """A tiny synthetic set for ``--dry-run``; its val images double as the test split."""
     import yaml
 
-    from utils.synthetic import generate
+    from utils.data.synthetic import generate
 
     root = work / "data" / "synthetic-dry"
     shutil.rmtree(root, ignore_errors=True)
@@ -176,7 +176,7 @@ def resolve_data(opt: argparse.Namespace) -> Path:
     if opt.dry_run:
         return dry_run_data(Path(opt.work))
     if opt.data:
-        from utils.data_config import load_data_config
+        from utils.data.config import load_data_config
 
         config = load_data_config(opt.data)
         if not config.get("val") or not config.get("test"):

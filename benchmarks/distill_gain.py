@@ -241,8 +241,8 @@ def run_identity(runner: Runner, opt: argparse.Namespace, settings: TrainSetting
 
 def train_images(data: str | Path) -> int:
     """The number of training images of a data.yaml (what the tool's automatic settings depend on)."""
-    from utils.data_config import load_data_config
-    from utils.datasets import image_files
+    from utils.data.config import load_data_config
+    from utils.data.dataset import image_files
 
     return len(image_files(load_data_config(data)["train"]))
 

@@ -166,7 +166,7 @@ def step_prepare(ctx: Context) -> None:
     """Machine, packages and the data: BCCD via common.resolve_data, else a synthetic stand-in."""
     import yaml
 
-    from utils.data_config import load_data_config
+    from utils.data.config import load_data_config
 
     opt = ctx.opt
     result: dict = {"machine": machine_info(_gpu_or_cpu(opt)), "environment": environment()}
@@ -179,7 +179,7 @@ def step_prepare(ctx: Context) -> None:
     except UserError as exc:  # no BCCD here: speed on a stand-in of its size, no accuracy
         if opt.data or opt.dry_run:  # a --data the user gave must work
             raise
-        from utils.synthetic import generate
+        from utils.data.synthetic import generate
 
         yaml_file = generate(ctx.work / "data" / "synthetic-bccd-size", BCCD_TRAIN, BCCD_VAL, BCCD_WIDTH, SEED)
         kind, note = "synthetic (NOT BCCD)", f"BCCD not found ({exc}); speed steps ran on a synthetic set"

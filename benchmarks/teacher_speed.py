@@ -107,8 +107,8 @@ def measure(opt: argparse.Namespace) -> dict:
 
 def score(model: torch.nn.Module, data_yaml: str, img: int) -> dict[str, float]:
     """``{'val_map': .., 'test_map': ..}``: mAP50-95 of ``model`` (in its own dtype) on the data's splits."""
-    from utils.data_config import load_data_config
-    from utils.datasets import create_dataloader
+    from utils.data.config import load_data_config
+    from utils.data.dataset import create_dataloader
     from utils.evaluate import evaluate
 
     data = load_data_config(data_yaml)

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         opt.steps, opt.warmup = min(opt.steps, DRY_STEPS), min(opt.warmup, DRY_WARMUP)
     cfg, hyp = model_cfg(opt.model, "--model"), hyp_file(opt.hyp)
     data = resolve_data(opt)
-    from utils.data_config import load_data_config
+    from utils.data.config import load_data_config
 
     config = load_data_config(data)
     extra = ["--channels-last"] if opt.channels_last else []

@@ -29,7 +29,7 @@ from utils.backbone_weights import (
     load_backbone_weights,
 )
 from utils.core.errors import UserError
-from utils.synthetic import generate
+from utils.data.synthetic import generate
 from utils.train_args import build_parser
 from utils.train_setup import build_model
 

@@ -243,7 +243,7 @@ def test_random_teacher_file_is_the_same_in_every_session(tmp_path):
 
 def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
     from utils.engine import Trainer
-    from utils.synthetic import generate
+    from utils.data.synthetic import generate
 
     data = generate(tmp_path / "syn", n_train=8, n_val=4, img_size=64, seed=0)
     settings = common.TrainSettings(data=data, epochs=2, batch=4, img=64, device="cpu", workers=0, cache="off",
@@ -371,7 +371,7 @@ def test_distill_gain_dry_run(tmp_path, capsys, monkeypatch):
 
 
 def test_bccd_is_converted_once_into_the_cache(bccd_root, tmp_path):
-    from utils.data_config import load_data_config
+    from utils.data.config import load_data_config
 
     yaml_file = common.bccd_data(str(bccd_root), tmp_path)
     config = load_data_config(yaml_file)

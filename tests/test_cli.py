@@ -22,11 +22,11 @@ import train_distill
 import val
 from models.yolo import DetectionModel
 from utils.checkpoint import make_checkpoint, save_checkpoint
-from utils.data_config import _find_yaml, _parse_names, load_data_config
+from utils.data.config import _find_yaml, _parse_names, load_data_config
 from utils.core.device import dist_info
 from utils.core.errors import UserError
 from utils.export_onnx import read_metadata
-from utils.sources import resolve_source
+from utils.data.sources import resolve_source
 from utils.train_args import apply_local_rank, build_parser
 from utils.train_setup import load_hyp
 

@@ -298,7 +298,7 @@ def writes(module_name: str, opt: argparse.Namespace) -> Written:
             out.trees.add(converted_root(ROOT / opt.data))
     elif module_name.startswith("utils.checkpoint") and getattr(opt, "dst", None):
         out.files.add(rel(opt.dst))
-    elif module_name.startswith("utils.synthetic") and getattr(opt, "out", None):
+    elif module_name.startswith("utils.data.synthetic") and getattr(opt, "out", None):
         out.trees.add(rel(opt.out))
     else:
         for flag in ("out", "work", "save_dir"):

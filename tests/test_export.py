@@ -20,7 +20,7 @@ import export
 from utils import export_trt
 from models.heads import main_output
 from models.yolo import DetectionModel
-from utils.augment import letterbox
+from utils.data.augment import letterbox
 from utils.backends import load_backend
 from utils.checkpoint import load_model, make_checkpoint, save_checkpoint
 from utils.export_onnx import TRT_OUTPUTS, EndToEnd, export_onnx, read_metadata
@@ -266,7 +266,7 @@ def test_val_and_detect_give_the_same_results_for_onnx_and_pt(weights, tmp_path)
     equal x.pt: mAP within 0.001 and the same detections on a tiny synthetic set."""
     import detect_dual
     import val
-    from utils.synthetic import CLASS_NAMES, generate
+    from utils.data.synthetic import CLASS_NAMES, generate
 
     size = 128
     data = generate(tmp_path / "synthetic", n_train=0, n_val=4, img_size=size)

@@ -315,7 +315,7 @@ def _val_main(path: Path, data: str) -> tuple:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> str:
-    from utils.synthetic import generate
+    from utils.data.synthetic import generate
     return str(generate(tmp_path_factory.mktemp("synthetic"), n_train=0, n_val=4, img_size=IMG, seed=3))
 
 
@@ -452,7 +452,7 @@ def _detecting(model: fx.DetectionModel) -> fx.DetectionModel:
 
 def test_convert_once_then_val_gives_the_same_map(tmp_path, synthetic):
     import val
-    from utils.synthetic import CLASS_NAMES
+    from utils.data.synthetic import CLASS_NAMES
 
     model = _detecting(fx.build("yolov9-t", len(CLASS_NAMES), seed=5))
     official = fx.write_stripped(tmp_path / "yolov9-t.pt", model, list(CLASS_NAMES))

@@ -201,7 +201,7 @@ def test_model_without_prunable_layers_is_refused():
 
 def test_teacher_guided_fine_tune_of_a_pruned_student(tmp_path):
     import train_distill
-    from utils.synthetic import CLASS_NAMES, generate
+    from utils.data.synthetic import CLASS_NAMES, generate
 
     data = generate(tmp_path / "syn", n_train=4, n_val=2, img_size=IMG, seed=0)
     teacher = DetectionModel("gelan-t", nc=len(CLASS_NAMES))

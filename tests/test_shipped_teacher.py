@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from utils.checkpoint import load_checkpoint, load_model
-from utils.data_config import load_data_config
-from utils.datasets import create_dataloader
+from utils.data.config import load_data_config
+from utils.data.dataset import create_dataloader
 from utils.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import train
 import train_distill
 from utils.checkpoint import load_checkpoint, load_model
 from utils.engine import Trainer
-from utils.synthetic import generate
+from utils.data.synthetic import generate
 from utils.train_args import build_parser
 
 from tests.helpers import HYP_DISTILL, HYP_LOW, STUDENT_YAML as STUDENT, interrupt_after_epoch

@@ -1,4 +1,4 @@
-"""val.py, detect_dual.py, utils/evaluate.py, utils/backends.py and utils/sources.py end to end (CPU, tiny)."""
+"""val.py, detect_dual.py, utils/evaluate.py, utils/backends.py and utils/data/sources.py end to end (CPU, tiny)."""
 
 import cv2
 import numpy as np
@@ -7,12 +7,12 @@ import torch
 
 import detect_dual
 import val
-from utils.augment import letterbox
+from utils.data.augment import letterbox
 from utils.backends import load_backend
 from utils.ops.boxes import scale_boxes
 from utils.core.errors import UserError
 from utils.evaluate import evaluate
-from utils.sources import open_source
+from utils.data.sources import open_source
 
 IMG = 64
 CLASS_NAMES = ["circle", "ring", "triangle", "square", "star", "cross", "hexagon"]  # the synthetic set's
@@ -40,7 +40,7 @@ def checkpoint(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from utils.synthetic import generate
+    from utils.data.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("synthetic"), n_train=1, n_val=5, img_size=IMG)
 

@@ -19,8 +19,8 @@ import yaml
 from tqdm import tqdm
 
 from utils.checkpoint import load_model, make_checkpoint, save_checkpoint, strip_checkpoint
-from utils.data_config import load_data_config
-from utils.datasets import close_mosaic, create_dataloader
+from utils.data.config import load_data_config
+from utils.data.dataset import close_mosaic, create_dataloader
 from utils.core.device import dist_info, rng_state, seed_everything, select_device, set_rng_state, unwrap
 from utils.distill import DistillConfig, DistillStudent
 from utils.ema import ModelEMA, ema_choice
@@ -135,7 +135,7 @@ class Trainer:
             distributed=self.dist.distributed)
         self.gpu_augment = None
         if opt.gpu_augment:
-            from utils.gpu_augment import GPUAugment
+            from utils.data.gpu_augment import GPUAugment
 
             self.gpu_augment = GPUAugment(self.hyp, opt.img, seed=opt.seed + self.dist.rank)
         self.val_loader = None

@@ -126,7 +126,7 @@ def evaluate(model_or_backend, dataloader: Iterable, names: Sequence[str], conf_
         model_or_backend: a ``DetectionModel`` (any mode; eval is used and the mode restored) or a
             ``utils.backends.Backend``.
         dataloader: yields ``(imgs uint8 [B, 3, H, W], targets [N, 6], paths, shapes)`` as
-            ``utils.datasets.create_dataloader`` does (``shapes`` give the letterbox per image).
+            ``utils.data.dataset.create_dataloader`` does (``shapes`` give the letterbox per image).
         names: class names; ``len(names)`` is the number of classes.
         half: fp16 inference on CUDA (autocast for an fp32 model, which is left unchanged).
         save_dir: where plots, JSON and txt files go (needed for any of them).

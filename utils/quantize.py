@@ -13,7 +13,7 @@ expects for explicit quantization:
   FP32 (:func:`utils.onnx_precision.keep_fp32_nodes`); optionally also the head's last 1x1 convs.
 
 Calibration images come from the data set's train split and are letterboxed exactly as val.py
-letterboxes them (the same :class:`utils.datasets.DetectionDataset` with ``augment=False``).
+letterboxes them (the same :class:`utils.data.dataset.DetectionDataset` with ``augment=False``).
 ModelOpt's ONNX quantizer (``modelopt.onnx.quantization``) would do the same job, but its ``onnx``
 extra pins onnxruntime-gpu and an older onnx, which would replace the CPU ONNX Runtime used here.
 """
@@ -67,13 +67,13 @@ def pick_images(images: list[str] | tuple[str, ...], max_images: int) -> list[st
 class LetterboxReader:
     """ONNX Runtime calibration data reader: ``{input_name: float32 [batch, 3, S, S]}`` per call.
 
-    Images are loaded and letterboxed by :class:`utils.datasets.DetectionDataset` as for val.py
+    Images are loaded and letterboxed by :class:`utils.data.dataset.DetectionDataset` as for val.py
     (long side ``img_size``, grey padding to a square, no augmentation), RGB in [0, 1]. An
     incomplete last batch is dropped (a static export takes exactly ``batch`` images).
     """
 
     def __init__(self, images: list[str], img_size: int, batch: int, input_name: str, stride: int = 32) -> None:
-        from utils.datasets import create_dataloader
+        from utils.data.dataset import create_dataloader
 
         _, self.dataset = create_dataloader(list(images), img_size, batch, stride=stride, workers=0,
                                             prefix="calibration: ")

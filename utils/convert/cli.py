@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> ConversionResult | dict:
     setup_logging()
     opt = parse_args(argv)
     if opt.format == "prepare":
-        from utils.data_config import load_data_config
+        from utils.data.config import load_data_config
 
         config = load_data_config(opt.data)
         LOGGER.info(f"{config['yaml_file']}: ready in {config['path']}")

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from utils.core.errors import UserError
-from utils.label_check import IMG_FORMATS
+from utils.data.labels import IMG_FORMATS
 from utils.core.log import LOGGER
 
 SPLITS = ("train", "val", "test")

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.augment import MAX_ASPECT_RATIO, MIN_AREA_FRACTION, MIN_BOX_PX, PAD_VALUE
+from utils.data.augment import MAX_ASPECT_RATIO, MIN_AREA_FRACTION, MIN_BOX_PX, PAD_VALUE
 from utils.core.errors import UserError
 
-# The grey border and the candidate-filter thresholds come from the CPU path (utils/augment.py)
+# The grey border and the candidate-filter thresholds come from the CPU path (utils/data/augment.py)
 # so that both paths keep and drop the same boxes.
 FILL_VALUE = PAD_VALUE / 255
 BOX_EPS = 1e-16

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils import augment as aug
+from utils.data import augment as aug
 from utils.ops.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.core.errors import UserError
-from utils.label_check import list_image_files, load_labels
+from utils.data.labels import list_image_files, load_labels
 from utils.core.log import LOGGER
 
 # Augmentation keys read from the hyp dict; a missing key means "off".
@@ -60,7 +60,7 @@ class DetectionDataset(Dataset):
     ``counts`` (the numbers of the summary line).
 
     ``gpu_augment=True``: only the letterbox to ``img_size`` happens here; mosaic, affine, HSV
-    and flips are left to ``utils.gpu_augment.GPUAugment``.
+    and flips are left to ``utils.data.gpu_augment.GPUAugment``.
     """
 
     def __init__(self, source: str | list[str], img_size: int = 640, batch_size: int = 16,

@@ -7,7 +7,7 @@ detector has to learn shapes, not colours. Objects range from 8 px to half the i
 (the later one occludes) and may be cut by the border.
 
 Every image gets its own generator seeded by (seed, split, index): the same seed gives the same
-bytes. ``python -m utils.synthetic --out DIR`` writes a set; ``data/synthetic.yaml`` is generated
+bytes. ``python -m utils.data.synthetic --out DIR`` writes a set; ``data/synthetic.yaml`` is generated
 on first use by :func:`ensure_generated`.
 """
 
@@ -252,7 +252,7 @@ def generate(root: str | Path, n_train: int = DEFAULTS["n_train"], n_val: int = 
     config = {"path": ".", "train": "images/train", "val": "images/val",
               "nc": len(CLASS_NAMES), "names": list(CLASS_NAMES)}
     yaml_file = root / "data.yaml"
-    yaml_file.write_text("# Synthetic detection set written by utils/synthetic.py\n"
+    yaml_file.write_text("# Synthetic detection set written by utils/data/synthetic.py\n"
                          + yaml.safe_dump(config, sort_keys=False))
     return yaml_file
 
