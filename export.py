@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from models.yolo import DetectionModel, reparameterize
-from utils.checkpoint import load_model
+from utils.checkpoint.ours import load_model
 from utils.core.device import select_device
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.export_onnx import DEFAULT_OPSET, FP16_QDQ_OPSET, MIN_OPSET, export_onnx

@@ -174,7 +174,7 @@ def random_teacher(trained: Path, out: Path) -> Path:
     import torch
 
     from models.yolo import DetectionModel
-    from utils.checkpoint import load_model, make_checkpoint, save_checkpoint
+    from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint
 
     if out.is_file():
         return out

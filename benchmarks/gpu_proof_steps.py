@@ -258,7 +258,7 @@ def step_distill_cost(ctx: Context) -> None:
     import torch
 
     from models.yolo import DetectionModel
-    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 
     opt, data = ctx.opt, ctx.previous(PREPARE)["data"]
     runner = ctx.runner("distill_cost")
@@ -372,7 +372,7 @@ def step_latency(ctx: Context) -> None:
     from benchmarks.latency import BCCD_CLASSES, STUDENTS, TEACHERS
     from export import prepare_model
     from models.yolo import DetectionModel
-    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.checkpoint.ours import make_checkpoint, save_checkpoint
     from utils.model_info import count_params, gflops
 
     opt = ctx.opt

@@ -31,7 +31,7 @@ import torch
 from benchmarks.common import cpu_name
 from export import prepare_model
 from models.yolo import DetectionModel
-from utils.checkpoint import make_checkpoint, save_checkpoint
+from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 from utils.export_onnx import export_onnx
 from utils.model_info import count_params, gflops
 

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # started as `python benchmarks/teacher_speed.py`
 import torch
 
 from benchmarks.common import command_line, fmt, machine_info, markdown_table, report_header, write_results
-from utils.checkpoint import load_model
+from utils.checkpoint.ours import load_model
 from utils.core.errors import UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
 from utils.train_setup import load_teacher

@@ -4,7 +4,7 @@ A model yaml has ``nc``, ``depth_multiple``, ``width_multiple``, optional ``name
 ``distill_layers``, and two lists of rows ``[from, number, module, args]`` (``backbone`` then
 ``head``) that are numbered together; the last row must be a detection head. See
 docs/internals.md for the channel protocol. An optional ``backbone_weights`` key is read by
-training only (``utils.backbone_weights``), never when a model is built or rebuilt from a checkpoint.
+training only (``utils.checkpoint.backbone``), never when a model is built or rebuilt from a checkpoint.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks.common import epoch_seconds, mean_spread
 from benchmarks.latency import time_onnxruntime
-from utils.checkpoint import load_checkpoint, load_model
+from utils.checkpoint.ours import load_checkpoint, load_model
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.model_info import count_params, gflops
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import train
 from models.yolo import DetectionModel
-from utils.backbone_weights import (
+from utils.checkpoint.backbone import (
     IMAGENET,
     VARIANTS,
     backbone_key_map,

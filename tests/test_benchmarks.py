@@ -228,7 +228,7 @@ def test_random_teacher_file_is_the_same_in_every_session(tmp_path):
     """Its hash is part of the control run's identity: a clock in the bytes would rerun it every session."""
     import torch
 
-    from utils.checkpoint import load_model
+    from utils.checkpoint.ours import load_model
 
     trained = Path(__file__).resolve().parents[1] / "weights" / "gelan-t-bccd256.pt"
     first = distill_gain.random_teacher(trained, tmp_path / "a" / "random-teacher.pt")

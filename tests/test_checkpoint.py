@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from models.yolo import DetectionModel
-from utils.checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, load_model, make_checkpoint, save_checkpoint,
+from utils.checkpoint.ours import (CHECKPOINT_FORMAT, load_checkpoint, load_model, make_checkpoint, save_checkpoint,
                               strip_checkpoint)
 from utils.core.errors import UserError
 

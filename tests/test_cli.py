@@ -21,7 +21,7 @@ import train
 import train_distill
 import val
 from models.yolo import DetectionModel
-from utils.checkpoint import make_checkpoint, save_checkpoint
+from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 from utils.data.config import _find_yaml, _parse_names, load_data_config
 from utils.core.device import dist_info
 from utils.core.errors import UserError

@@ -9,7 +9,7 @@ import pytest
 
 from models.yolo import DetectionModel
 from scripts import demo_summary
-from utils.checkpoint import make_checkpoint, save_checkpoint
+from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 
 import train
 import train_distill
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint.ours import load_checkpoint
 from utils.engine import Trainer
 from utils.train_args import build_parser
 

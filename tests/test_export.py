@@ -22,7 +22,7 @@ from models.heads import main_output
 from models.yolo import DetectionModel
 from utils.data.augment import letterbox
 from utils.backends import load_backend
-from utils.checkpoint import load_model, make_checkpoint, save_checkpoint
+from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint
 from utils.export_onnx import TRT_OUTPUTS, EndToEnd, export_onnx, read_metadata
 from utils.ops.nms import non_max_suppression
 

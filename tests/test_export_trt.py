@@ -229,7 +229,7 @@ def test_export_prints_typed_trtexec_lines(plain_onnx, tmp_path, monkeypatch, ca
     monkeypatch.setattr(export_trt, "tensorrt_available", lambda: False)
     model = DetectionModel("yolov9-tiny", nc=len(NAMES))
     model.names = list(NAMES)
-    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 
     weights = tmp_path / "w.pt"
     save_checkpoint(make_checkpoint(model, half=False), weights)
@@ -273,7 +273,7 @@ def bindings_without_libraries(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory) -> Path:
-    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 
     model = DetectionModel("yolov9-tiny", nc=len(NAMES))
     model.names = list(NAMES)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.checkpoint import load_checkpoint, load_model
+from utils.checkpoint.ours import load_checkpoint, load_model
 from utils.data.config import load_data_config
 from utils.data.dataset import create_dataloader
 from utils.evaluate import evaluate

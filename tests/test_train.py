@@ -13,7 +13,7 @@ import torch
 
 import train
 import train_distill
-from utils.checkpoint import load_checkpoint, load_model
+from utils.checkpoint.ours import load_checkpoint, load_model
 from utils.engine import Trainer
 from utils.data.synthetic import generate
 from utils.train_args import build_parser

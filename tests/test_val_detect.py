@@ -31,7 +31,7 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model, tmp_path_factory):
-    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
     save_checkpoint(make_checkpoint(tiny_model, half=False), path)

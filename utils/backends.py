@@ -105,7 +105,7 @@ class TorchBackend(Backend):
 
     def __init__(self, weights: Path, device: torch.device, half: bool = False) -> None:
         from models.heads import main_output
-        from utils.checkpoint import load_model
+        from utils.checkpoint.ours import load_model
 
         model = load_model(weights, device=device, fuse=True)
         half = half and device.type == "cuda"  # fp16 convolutions are not supported well on CPU

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from utils.checkpoint import load_model, make_checkpoint, save_checkpoint, strip_checkpoint
+from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint, strip_checkpoint
 from utils.data.config import load_data_config
 from utils.data.dataset import close_mosaic, create_dataloader
 from utils.core.device import dist_info, rng_state, seed_everything, select_device, set_rng_state, unwrap

@@ -30,7 +30,7 @@ What is never pruned:
   miswired (pruning crashes or silently removes other channels). Groups that reach a split are
   therefore left whole too.
 
-The pruned model keeps its yaml; its state_dict holds the new shapes, and ``utils.checkpoint``
+The pruned model keeps its yaml; its state_dict holds the new shapes, and ``utils.checkpoint.ours``
 rebuilds the yaml's model and resizes each Conv2d / BatchNorm2d to the stored shapes before
 loading (``_fit_shapes``). A pruned checkpoint therefore loads with ``load_model`` and fine-tunes
 with ``train_distill.py --weights pruned.pt`` (teacher-guided) or ``train.py --weights pruned.pt``.
@@ -51,7 +51,7 @@ from torch import nn
 from models.backbones import ShuffleV2Block
 from models.heads import DDetect, branch_maps
 from models.yolo import DetectionModel
-from utils.checkpoint import load_model, make_checkpoint, save_checkpoint
+from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint
 from utils.core.errors import UserError
 from utils.model_info import count_params, gflops
 

@@ -11,8 +11,8 @@ import yaml
 from torch import nn
 
 from models.yolo import DetectionModel
-from utils.backbone_weights import start_backbone
-from utils.checkpoint import load_checkpoint, load_model
+from utils.checkpoint.backbone import start_backbone
+from utils.checkpoint.ours import load_checkpoint, load_model
 from utils.distill.config import TEACHER_DTYPES
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
@@ -73,7 +73,7 @@ def build_model(opt: argparse.Namespace, nc: int, names: list[str]) -> Detection
     With weights and no cfg, the checkpoint's own architecture is used (also for pruned models);
     with both, matching tensors are transferred into the cfg's architecture. A model built from
     ``--cfg`` first gets the pretrained backbone that ``--backbone-weights`` or the yaml's
-    ``backbone_weights`` key names (``utils.backbone_weights``); ``--weights`` then overrides the
+    ``backbone_weights`` key names (``utils.checkpoint.backbone``); ``--weights`` then overrides the
     tensors it has.
     """
     if not opt.cfg and not opt.weights:

@@ -9,7 +9,7 @@ A checkpoint (format ``yolo-distill/1``, see docs/internals.md) is::
 
 It holds only builtins, tensors and OrderedDicts, so reading it never runs code. The model is
 rebuilt from ``model_yaml`` and the weights are loaded strictly. :func:`load_model` also reads
-official YOLOv9 ``.pt`` files, through the restricted unpickler of ``utils.official_ckpt``.
+official YOLOv9 ``.pt`` files, through the restricted unpickler of ``utils.checkpoint.official``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import collections
 import copy
 import datetime
 import pickle
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,9 +31,9 @@ from torch import nn
 from models.yolo import DetectionModel
 from utils.core.atomic import atomic_write
 from utils.core.device import unwrap
-from utils.core.errors import ArgumentParser, UserError, cli_main
-from utils.core.log import LOGGER, setup_logging
-from utils.official_ckpt import OfficialModel, check_file, exception_text, read_official
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
+from utils.checkpoint.official import OfficialModel, check_file, exception_text, read_official
 
 CHECKPOINT_FORMAT = "yolo-distill/1"
 FORMAT_PREFIX = "yolo-distill/"
@@ -382,7 +381,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", fuse: bool 
     """Load a DetectionModel from our checkpoint or an official YOLOv9 ``.pt``, safely.
 
     Official files (training, stripped, or converted gelan checkpoints) are read by the
-    restricted unpickler of ``utils.official_ckpt``: module classes become inert records and any
+    restricted unpickler of ``utils.checkpoint.official``: module classes become inert records and any
     global outside the allowlist is refused, so the file cannot run code.
 
     Args:
@@ -424,32 +423,3 @@ def convert_checkpoint(src: str | Path, dst: str | Path, prefer_ema: bool = True
     with torch.random.fork_rng(devices=[]):
         model_from_checkpoint(ckpt, prefer_ema=prefer_ema, source=str(src))
     return save_checkpoint(ckpt, dst)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m utils.checkpoint",
-                            description="Checkpoint tools: convert an official YOLOv9 .pt to the yolo-distill format.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser("convert", help="official YOLOv9 .pt -> yolo-distill .pt (plain dicts, "
-                                  "loads with torch.load(weights_only=True))")
-    convert.add_argument("src", help="official YOLOv9 checkpoint (training, stripped or *-converted.pt)")
-    convert.add_argument("dst", help="where to write the yolo-distill checkpoint")
-    convert.add_argument("--raw-model", action="store_true",
-                         help="take ckpt['model'] (the raw training weights) instead of the EMA")
-    return parser.parse_args(argv)
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> Path:
-    """``python -m utils.checkpoint convert SRC DST``; bad input is one line on stderr and exit code 2."""
-    setup_logging()
-    opt = parse_args(argv)
-    out = convert_checkpoint(opt.src, opt.dst, prefer_ema=not opt.raw_model)
-    ckpt = load_checkpoint(out)
-    LOGGER.info(f"converted {opt.src} ({ckpt['extra'].get('official_branch')} weights, {len(ckpt['state_dict'])} "
-                f"tensors, {ckpt['nc']} classes) -> {out}")
-    return out
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

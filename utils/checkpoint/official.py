@@ -15,7 +15,7 @@ official files contain, see ``shared/reference/yolov9/FACTS.md`` section 3):
 Any other global (``os.system``, ``builtins.eval``, ...) raises :class:`UserError` naming it,
 before anything is called. :func:`read_official` then walks the stand-in graph of the chosen
 model and returns its yaml, class names and state_dict under the official key names;
-``utils.checkpoint`` builds our ``DetectionModel`` from that and loads the weights strictly.
+``utils.checkpoint.ours`` builds our ``DetectionModel`` from that and loads the weights strictly.
 
 The module graph of a real file is a DAG, not a tree: ``Conv`` and ``RepConvN`` take their
 activation from a class attribute, so one SiLU object is referenced from every such block
