@@ -23,7 +23,7 @@ from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
 from utils.ops.nms import non_max_suppression
 from utils.core.paths import increment_path
-from utils.plots import draw_detections
+from utils.eval.plots import draw_detections
 from utils.data.sources import Frame, open_source
 
 ROOT = Path(__file__).resolve().parent

@@ -16,7 +16,7 @@ from utils.backends import load_backend
 from utils.data.config import load_data_config
 from utils.data.dataset import create_dataloader
 from utils.core.errors import ArgumentParser, UserError, cli_main
-from utils.evaluate import evaluate, format_results
+from utils.eval.evaluator import evaluate, format_results
 from utils.core.log import LOGGER, setup_logging
 from utils.core.paths import increment_path
 
@@ -64,7 +64,7 @@ def run(weights: str, data: str = str(ROOT / "data" / "synthetic.yaml"), imgsz: 
         device: str = "", half: bool = False, save_json: bool = False, save_txt: bool = False,
         save_conf: bool = False, project: str = str(ROOT / "runs" / "val"), name: str = "exp",
         exist_ok: bool = False, workers: int = 8, verbose: bool = False, noplots: bool = False) -> dict:
-    """Validate ``weights`` on the ``task`` split of ``data``; returns the dict of ``utils.evaluate.evaluate``
+    """Validate ``weights`` on the ``task`` split of ``data``; returns the dict of ``utils.eval.evaluator.evaluate``
     plus ``save_dir``. Raises :class:`UserError` for bad flags, files or data."""
     if task not in TASKS:
         raise UserError(f"--task {task} is not one of {', '.join(TASKS)}")

@@ -338,8 +338,8 @@ def student_run(runner: Runner, opt: argparse.Namespace, settings: TrainSettings
 
 def best_epoch(curve50: list[float], curve: list[float]) -> int:
     """The 0-based epoch whose weights best.pt holds: the last maximum of the engine's fitness
-    (``utils.metrics.fitness``: 0.1 mAP50 + 0.9 mAP50-95; a tie replaces best.pt)."""
-    from utils.metrics import fitness
+    (``utils.eval.metrics.fitness``: 0.1 mAP50 + 0.9 mAP50-95; a tie replaces best.pt)."""
+    from utils.eval.metrics import fitness
 
     scores = [fitness({"map50": m50, "map": m}) for m50, m in zip(curve50, curve)]
     return max(range(len(scores)), key=lambda i: (scores[i], i))

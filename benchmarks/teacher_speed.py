@@ -109,7 +109,7 @@ def score(model: torch.nn.Module, data_yaml: str, img: int) -> dict[str, float]:
     """``{'val_map': .., 'test_map': ..}``: mAP50-95 of ``model`` (in its own dtype) on the data's splits."""
     from utils.data.config import load_data_config
     from utils.data.dataset import create_dataloader
-    from utils.evaluate import evaluate
+    from utils.eval.evaluator import evaluate
 
     data = load_data_config(data_yaml)
     out = {}

@@ -10,7 +10,7 @@ import pytest
 from utils.checkpoint.ours import load_checkpoint, load_model
 from utils.data.config import load_data_config
 from utils.data.dataset import create_dataloader
-from utils.evaluate import evaluate
+from utils.eval.evaluator import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = 256

@@ -1,4 +1,4 @@
-"""val.py, detect_dual.py, utils/evaluate.py, utils/backends.py and utils/data/sources.py end to end (CPU, tiny)."""
+"""val.py, detect_dual.py, utils/eval/evaluator.py, utils/backends.py and utils/data/sources.py end to end (CPU, tiny)."""
 
 import cv2
 import numpy as np
@@ -11,7 +11,7 @@ from utils.data.augment import letterbox
 from utils.backends import load_backend
 from utils.ops.boxes import scale_boxes
 from utils.core.errors import UserError
-from utils.evaluate import evaluate
+from utils.eval.evaluator import evaluate
 from utils.data.sources import open_source
 
 IMG = 64

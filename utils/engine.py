@@ -25,10 +25,10 @@ from utils.core.device import dist_info, rng_state, seed_everything, select_devi
 from utils.distill import DistillConfig, DistillStudent
 from utils.ema import ModelEMA, ema_choice
 from utils.core.errors import UserError
-from utils.evaluate import evaluate
+from utils.eval.evaluator import evaluate
 from utils.core.log import LOGGER
 from utils.loss import DetectionLoss, DistillationLoss
-from utils.metrics import fitness
+from utils.eval.metrics import fitness
 from utils.optim import (AUTO, accumulate_steps, apply_warmup, auto_nominal_batch, build_optimizer, lr_lambda,
                          nominal_batch, scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.core.paths import increment_path
@@ -298,7 +298,7 @@ class Trainer:
                     f"device {self.device}, amp {self.amp_dtype}, results in {self.save_dir}")
         if not opt.noplots and self.start_epoch == 0:
             try:
-                from utils.plots import plot_labels
+                from utils.eval.plots import plot_labels
 
                 plot_labels(self.train_set.labels, self.data["names"], self.save_dir)
             except Exception as exc:  # a plot must never stop training
@@ -422,7 +422,7 @@ class Trainer:
 
     def _plot_batch(self, imgs: torch.Tensor, targets: torch.Tensor, paths: list[str], index: int) -> None:
         try:
-            from utils.plots import plot_images
+            from utils.eval.plots import plot_images
 
             plot_images(imgs.detach().float().cpu(), targets.detach().cpu(), paths,
                         self.save_dir / f"train_batch{index}.jpg", self.data["names"])
@@ -491,7 +491,7 @@ class Trainer:
         self.logger.close()
         if not self.opt.noplots:
             try:
-                from utils.plots import plot_results
+                from utils.eval.plots import plot_results
 
                 plot_results(self.save_dir / "results.csv")
             except Exception as exc:  # a plot must never fail a finished run

@@ -1,7 +1,7 @@
 """COCO-format JSON for ground truth and predictions, and evaluation with the COCO evaluator.
 
 ``faster-coco-eval`` is used when it is installed, ``pycocotools`` otherwise. On the same
-predictions our own metric (``utils.metrics``) and the COCO evaluator agree to a few thousandths of
+predictions our own metric (``utils.eval.metrics``) and the COCO evaluator agree to a few thousandths of
 mAP; the known differences are:
 
 - max detections: COCO keeps the ``max_det`` best predictions *per image and class*; our NMS keeps

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from utils.ops.boxes import scale_boxes, xywhn2xyxy, xyxy2xywhn
 from utils.core.log import LOGGER
-from utils.metrics import ConfusionMatrix, DetectionStats, fitness
+from utils.eval.metrics import ConfusionMatrix, DetectionStats, fitness
 from utils.ops.nms import non_max_suppression
 
 PLOT_BATCHES = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg
@@ -75,7 +75,7 @@ def _predictions_as_targets(dets: Sequence[torch.Tensor], net_shape: tuple[int, 
 
 
 def _plot_curves(result, names: Sequence[str], cm: ConfusionMatrix, save_dir: Path) -> None:
-    from utils.plots import plot_metric_curve, plot_pr_curve
+    from utils.eval.plots import plot_metric_curve, plot_pr_curve
 
     plot_pr_curve(result.px, result.pr_curve, result.ap[:, 0], save_dir / "PR_curve.png", names, result.classes)
     for fname, curve, ylabel in (("F1_curve.png", result.f1_curve, "F1"), ("P_curve.png", result.p_curve, "Precision"),
@@ -99,7 +99,7 @@ def _record(dets: list[torch.Tensor], labels: list[torch.Tensor], paths: Sequenc
 def _plot_batch(imgs: torch.Tensor, targets: torch.Tensor, dets: Sequence[torch.Tensor], paths: Sequence[str],
                 names: Sequence[str], save_dir: Path, batch_i: int) -> None:
     """``val_batch{i}_labels.jpg`` and ``val_batch{i}_pred.jpg`` (network-input pixels)."""
-    from utils.plots import plot_images
+    from utils.eval.plots import plot_images
 
     net_shape = (imgs.shape[2], imgs.shape[3])
     images = imgs.float().cpu()
@@ -170,7 +170,7 @@ def evaluate(model_or_backend, dataloader: Iterable, names: Sequence[str], conf_
     confusion = ConfusionMatrix(nc)
     coco_writer = None
     if save_json:
-        from utils.coco_eval import CocoJsonWriter
+        from utils.eval.coco import CocoJsonWriter
 
         coco_writer = CocoJsonWriter(names)
     loss_sum = torch.zeros(LOSS_ITEMS, device=device)
@@ -224,7 +224,7 @@ def evaluate(model_or_backend, dataloader: Iterable, names: Sequence[str], conf_
                "images": seen, "instances": int(result.instances.sum()), "best_conf": result.best_conf}
     metrics["fitness"] = fitness(metrics)
     if coco_writer is not None:
-        from utils.coco_eval import coco_evaluate
+        from utils.eval.coco import coco_evaluate
 
         gt_path, pred_path = coco_writer.save(save_dir)
         metrics["coco"] = coco_evaluate(gt_path, pred_path, max_det=COCO_EVAL_MAX_DET)

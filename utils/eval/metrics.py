@@ -32,7 +32,7 @@ EPS = 1e-16
 def fitness(metrics: Mapping[str, float] | Sequence[float]) -> float:
     """Model selection score ``0.1 * mAP50 + 0.9 * mAP50-95``.
 
-    Accepts the dict returned by ``utils.evaluate.evaluate`` (keys ``map50``, ``map``) or a sequence
+    Accepts the dict returned by ``utils.eval.evaluator.evaluate`` (keys ``map50``, ``map``) or a sequence
     ``(precision, recall, map50, map)``.
     """
     if isinstance(metrics, Mapping):
@@ -293,6 +293,6 @@ class ConfusionMatrix:
 
     def plot(self, save_path: str | Path, names: Sequence[str], normalize: bool = True) -> None:
         """Save the matrix as an image (columns normalised to sum to 1 when ``normalize``)."""
-        from utils.plots import plot_confusion_matrix  # plots pulls in matplotlib; only when plotting
+        from utils.eval.plots import plot_confusion_matrix  # plots pulls in matplotlib; only when plotting
 
         plot_confusion_matrix(self.matrix, names, save_path, normalize=normalize)
