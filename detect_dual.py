@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from utils.data.augment import letterbox
-from utils.backends import load_backend
+from utils.export.backends import load_backend
 from utils.ops.boxes import scale_boxes, xyxy2xywhn
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging

@@ -22,10 +22,10 @@ from models.yolo import DetectionModel, reparameterize
 from utils.checkpoint.ours import load_model
 from utils.core.device import select_device
 from utils.core.errors import ArgumentParser, UserError, cli_main
-from utils.export_onnx import DEFAULT_OPSET, FP16_QDQ_OPSET, MIN_OPSET, export_onnx
-from utils.export_trt import ORIN_NANO_WORKSPACE_MIB, TRT_VERSIONS, engine_or_command
+from utils.export.onnx import DEFAULT_OPSET, FP16_QDQ_OPSET, MIN_OPSET, export_onnx
+from utils.export.trt import ORIN_NANO_WORKSPACE_MIB, TRT_VERSIONS, engine_or_command
 from utils.core.log import LOGGER, setup_logging
-from utils.quantize import (CALIB_METHODS, DEFAULT_CALIB_IMAGES, MIN_CALIB_IMAGES, CalibrationSettings,
+from utils.export.quantize import (CALIB_METHODS, DEFAULT_CALIB_IMAGES, MIN_CALIB_IMAGES, CalibrationSettings,
                             check_calibration)
 
 FORMATS = ("onnx", "engine")

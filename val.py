@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from utils.backends import load_backend
+from utils.export.backends import load_backend
 from utils.data.config import load_data_config
 from utils.data.dataset import create_dataloader
 from utils.core.errors import ArgumentParser, UserError, cli_main

@@ -396,7 +396,7 @@ def step_latency(ctx: Context) -> None:
         record = {"model": name, "role": "teacher" if name in TEACHERS else "student",
                   "params": count_params(model), "gflops": gflops(model, img)}
         if ort_device:
-            from utils.export_onnx import export_onnx
+            from utils.export.onnx import export_onnx
 
             record["onnx"] = str(export_onnx(model, folder / f"{name}.onnx", img, dynamic=True,
                                              names=[str(i) for i in range(BCCD_CLASSES)]))
@@ -438,7 +438,7 @@ def ort_call(onnx_path: str, batch: int, img: int, device: str) -> Callable[[], 
     import numpy as np
     import onnxruntime as ort
 
-    from utils.export_onnx import PLAIN_OUTPUT
+    from utils.export.onnx import PLAIN_OUTPUT
 
     x = np.random.default_rng(SEED).random((batch, 3, img, img), dtype=np.float32)
     if device == "cpu":

@@ -32,7 +32,7 @@ from benchmarks.common import cpu_name
 from export import prepare_model
 from models.yolo import DetectionModel
 from utils.checkpoint.ours import make_checkpoint, save_checkpoint
-from utils.export_onnx import export_onnx
+from utils.export.onnx import export_onnx
 from utils.model_info import count_params, gflops
 
 TEACHERS = ("gelan-s", "yolov9-s")

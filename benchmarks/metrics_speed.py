@@ -88,7 +88,7 @@ def jittered_predictions(shapes, labels, max_det: int, seed: int) -> list[torch.
 def model_predictions(weights: str, paths, img_size: int, max_det: int) -> list[torch.Tensor]:
     """Run ``weights`` over the images (letterbox, NMS at the validation thresholds), original pixels."""
     from utils.data.augment import letterbox
-    from utils.backends import load_backend
+    from utils.export.backends import load_backend
     from utils.ops.boxes import scale_boxes
     from utils.ops.nms import non_max_suppression
     from utils.data.sources import read_image

@@ -25,7 +25,7 @@ from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 from utils.data.config import _find_yaml, _parse_names, load_data_config
 from utils.core.device import dist_info
 from utils.core.errors import UserError
-from utils.export_onnx import read_metadata
+from utils.export.onnx import read_metadata
 from utils.data.sources import resolve_source
 from utils.train_args import apply_local_rank, build_parser
 from utils.train_setup import load_hyp

@@ -285,7 +285,7 @@ def writes(module_name: str, opt: argparse.Namespace) -> Written:
     elif module_name == "export":
         out.files |= export_files(opt)
     elif module_name == "prune":
-        from utils.prune import default_output
+        from utils.export.prune import default_output
 
         out.files.add(rel(opt.out) if opt.out else rel(default_output(opt.weights, opt.ratio)))
     elif module_name.startswith("utils.convert"):

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 import export
-from utils import export_trt
+from utils.export import trt as export_trt
 from models.heads import main_output
 from models.yolo import DetectionModel
 from utils.data.augment import letterbox
-from utils.backends import load_backend
+from utils.export.backends import load_backend
 from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint
-from utils.export_onnx import TRT_OUTPUTS, EndToEnd, export_onnx, read_metadata
+from utils.export.onnx import TRT_OUTPUTS, EndToEnd, export_onnx, read_metadata
 from utils.ops.nms import non_max_suppression
 
 ort = pytest.importorskip("onnxruntime")
@@ -246,7 +246,7 @@ def test_cli_errors_exit_2(weights, tmp_path, capsys):
 
 
 def test_static_onnx_backend_matches_pt(weights, tmp_path):
-    """utils.backends on a static batch-1 export: a batch of 3 is split (and padded) by the back-end
+    """utils.export.backends on a static batch-1 export: a batch of 3 is split (and padded) by the back-end
     and gives the .pt back-end's predictions."""
     pt = weights["yolov9-tiny-1.0x"]
     onnx_path = export_onnx(export.prepare_model(pt, torch.device("cpu")), tmp_path / "static.onnx", 64, names=NAMES)

@@ -26,13 +26,13 @@ from onnx import TensorProto, helper, numpy_helper
 import export
 from models.yolo import DetectionModel
 from tests.trt_standins import make_tensorrt
-from utils import export_trt
-from utils.backends import OnnxBackend, TensorRTBackend
+from utils.export import trt as export_trt
+from utils.export.backends import OnnxBackend, TensorRTBackend
 from utils.core.errors import UserError, cli_main
-from utils.export_onnx import export_onnx
-from utils.export_trt import (build_engine, check_engine_precision, conv_layer_precisions, layer_info_path,
+from utils.export.onnx import export_onnx
+from utils.export.trt import (build_engine, check_engine_precision, conv_layer_precisions, layer_info_path,
                               trtexec_command)
-from utils.trt_runtime import cuda_object, load_tensorrt
+from utils.export.trt_runtime import cuda_object, load_tensorrt
 
 NAMES = ["RBC", "WBC", "Platelets"]
 REMOVED_TRTEXEC_FLAGS_11 = ("--fp16", "--int8", "--bf16", "--fp8", "--int4", "--best", "--calib")

@@ -486,7 +486,7 @@ def test_export_detect_and_prune_take_an_official_file(files, tmp_path, syntheti
 
     import detect_dual
     import export
-    from utils.prune import prune_weights
+    from utils.export.prune import prune_weights
 
     official = files.get("yolov9-t", "stripped")
     onnx_path = export.main(["--weights", str(official.path), "--include", "onnx", "--img", str(IMG),

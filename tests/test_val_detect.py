@@ -1,4 +1,4 @@
-"""val.py, detect_dual.py, utils/eval/evaluator.py, utils/backends.py and utils/data/sources.py end to end (CPU, tiny)."""
+"""val.py, detect_dual.py, utils/eval/evaluator.py, utils/export/backends.py and utils/data/sources.py end to end (CPU, tiny)."""
 
 import cv2
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 import detect_dual
 import val
 from utils.data.augment import letterbox
-from utils.backends import load_backend
+from utils.export.backends import load_backend
 from utils.ops.boxes import scale_boxes
 from utils.core.errors import UserError
 from utils.eval.evaluator import evaluate
@@ -132,7 +132,7 @@ def test_sources_list_glob_video(tmp_path):
 
 def test_onnx_backend_matches_pt(checkpoint, tmp_path):
     from export import prepare_model
-    from utils.export_onnx import export_onnx
+    from utils.export.onnx import export_onnx
 
     model = prepare_model(str(checkpoint), torch.device("cpu"), half=False)
     onnx_path = export_onnx(model, tmp_path / "tiny.onnx", IMG, names=CLASS_NAMES, stride=32)

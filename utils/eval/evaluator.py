@@ -124,7 +124,7 @@ def evaluate(model_or_backend, dataloader: Iterable, names: Sequence[str], conf_
 
     Args:
         model_or_backend: a ``DetectionModel`` (any mode; eval is used and the mode restored) or a
-            ``utils.backends.Backend``.
+            ``utils.export.backends.Backend``.
         dataloader: yields ``(imgs uint8 [B, 3, H, W], targets [N, 6], paths, shapes)`` as
             ``utils.data.dataset.create_dataloader`` does (``shapes`` give the letterbox per image).
         names: class names; ``len(names)`` is the number of classes.

@@ -16,10 +16,10 @@ be strictly above ``conf_thres``, at most ``max_det`` boxes per image, highest s
 
 Metadata (``onnx.ModelProto.metadata_props``): ``names`` (JSON list), ``stride``, ``imgsz`` (JSON
 [h, w]), ``nc``, ``layout`` (one of ``LAYOUTS``), ``precision`` (one of ``PRECISIONS``), ``io_dtype``
-(``float32``/``float16``), ``producer``; ``utils.backends`` and ``utils.export_trt`` read them.
+(``float32``/``float16``), ``producer``; ``utils.export.backends`` and ``utils.export.trt`` read them.
 
 Reduced precision lives in the graph (TensorRT 11 builds only strongly typed networks): ``fp16``
-through :mod:`utils.onnx_precision`, ``int8`` (explicit Q/DQ) through :mod:`utils.quantize`; the
+through :mod:`utils.export.precision`, ``int8`` (explicit Q/DQ) through :mod:`utils.export.quantize`; the
 head's decode and the NMS stay FP32.
 """
 
@@ -247,8 +247,8 @@ def _append_nms(graph, nms):
 def _typed_graph(model: nn.Module, images: torch.Tensor, opset: int, precision: str, dynamic: bool, simplify: bool,
                  transpose: bool, end2end: str | None, fp16_io: bool, calibration, nms: dict):
     """Trace the FP32 plain graph, give it its precision (FP16 / INT8 Q/DQ), then append the NMS."""
-    from utils import onnx_precision
-    from utils.quantize import quantize_int8
+    from utils.export import precision as onnx_precision  # the name precision is a parameter here
+    from utils.export.quantize import quantize_int8
 
     head_index = int(model.head.i)
     axes = _dynamic_axes(None, transpose and not end2end) if dynamic else None
@@ -287,11 +287,11 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int | tuple[int, i
         img_size: input ``(height, width)`` or one side; multiples of ``stride``.
         batch: batch size of the example input (the fixed batch of a static export).
         dynamic: symbolic batch, height and width axes (not with ``int8``).
-        precision: ``'fp32'``; ``'fp16'`` (FP16 convs, FP32 decode, see :mod:`utils.onnx_precision`);
-            ``'int8'`` (INT8 Q/DQ on every conv input, the rest FP32, see :mod:`utils.quantize`);
+        precision: ``'fp32'``; ``'fp16'`` (FP16 convs, FP32 decode, see :mod:`utils.export.precision`);
+            ``'int8'`` (INT8 Q/DQ on every conv input, the rest FP32, see :mod:`utils.export.quantize`);
             ``'int8-fp16'`` (both: Q/DQ and FP16 in between, opset >= ``FP16_QDQ_OPSET``).
         fp16_io: FP16 input (and plain output) instead of FP32, for ``fp16``/``int8-fp16``.
-        calibration: ``utils.quantize.CalibrationSettings`` for the INT8 precisions.
+        calibration: ``utils.export.quantize.CalibrationSettings`` for the INT8 precisions.
         simplify: run onnxslim over the graph (before the precision conversion).
         transpose: plain output ``[B, A, 4 + nc]`` instead of ``[B, 4 + nc, A]``.
         end2end: None, ``'trt'`` or ``'ort'``: NMS inside the graph (see the module docstring); with a

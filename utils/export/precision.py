@@ -9,7 +9,7 @@ takes the types written in the ONNX. So the reduced precision is chosen here, at
   pixels, the class sigmoid, the output transpose) and everything after it (NMS inputs), because
   box coordinates up to the image size lose whole pixels in FP16 and the anchor grid is exact only
   in FP32. The graph input and output stay FP32 (a Cast at each end) unless ``fp16_io``.
-- **int8**: see :mod:`utils.quantize` (explicit Q/DQ); it uses :func:`keep_fp32_nodes` too.
+- **int8**: see :mod:`utils.export.quantize` (explicit Q/DQ); it uses :func:`keep_fp32_nodes` too.
 
 The decode part is found from the graph, not from a list of op names: every node that is reached
 from the head's conv branches (``/model/model.<head>/cv<k>...``, the names the TorchScript exporter

@@ -10,7 +10,7 @@ expects for explicit quantization:
 - Q/DQ on the inputs of every convolution only (``op_types_to_quantize=['Conv']``, conv outputs
   not quantized): TensorRT fuses DQ -> Conv (+ bias, + SiLU) -> the next layer's Q itself;
 - the head's decode (DFL softmax and its 1x1 conv, anchors, strides, sigmoid, box maths) left in
-  FP32 (:func:`utils.onnx_precision.keep_fp32_nodes`); optionally also the head's last 1x1 convs.
+  FP32 (:func:`utils.export.precision.keep_fp32_nodes`); optionally also the head's last 1x1 convs.
 
 Calibration images come from the data set's train split and are letterboxed exactly as val.py
 letterboxes them (the same :class:`utils.data.dataset.DetectionDataset` with ``augment=False``).
@@ -129,7 +129,7 @@ def quantize_int8(model, head_index: int, settings: CalibrationSettings, stride:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from utils.onnx_precision import head_output_convs, inline_initializer_identities, keep_fp32_nodes
+    from utils.export.precision import head_output_convs, inline_initializer_identities, keep_fp32_nodes
 
     input_name, (batch, _, height, width) = static_input(model)
     if height != width:

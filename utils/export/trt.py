@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.core.errors import UserError
-from utils.export_onnx import TYPED_PRECISIONS, read_metadata
+from utils.export.onnx import TYPED_PRECISIONS, read_metadata
 from utils.core.log import LOGGER
-from utils.trt_runtime import cuda_object, load_tensorrt
+from utils.export.trt_runtime import cuda_object, load_tensorrt
 
 GIB = 1 << 30
 ORIN_NANO_WORKSPACE_MIB = 2048  # the Orin Nano shares 8 GB between CPU and GPU; 2 GB leaves room for the rest
@@ -65,7 +65,7 @@ def shape_profile(img_size: tuple[int, int], batch: int = 1, stride: int = 32,
 
 def tensorrt_available() -> bool:
     """True when a ``tensorrt`` Python package is installed; whether its libraries load is only known when
-    :func:`utils.trt_runtime.load_tensorrt` imports it (one line naming the cause when they do not)."""
+    :func:`utils.export.trt_runtime.load_tensorrt` imports it (one line naming the cause when they do not)."""
     return importlib.util.find_spec("tensorrt") is not None
 
 
