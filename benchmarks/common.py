@@ -325,7 +325,7 @@ class Runner:
         ``--resume`` (which gives the weights of an uninterrupted run); otherwise its folder is
         emptied first (results.csv must not mix two runs).
         """
-        from utils.train_setup import file_sha256
+        from utils.engine.setup import file_sha256
 
         run_dir = self.runs / name
         script, args = self._train_args(name, cfg, hyp, seed, settings, teacher)

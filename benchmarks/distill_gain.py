@@ -131,7 +131,7 @@ def parse_hyp_set(items: list[str]) -> dict:
 
 def write_hyp(folder: Path, name: str, source: Path, changes: dict) -> Path:
     """``source`` with ``changes`` applied, written as ``folder/name.yaml`` (unchanged content keeps its path)."""
-    from utils.train_setup import load_hyp
+    from utils.engine.setup import load_hyp
 
     base = load_hyp(source)
     changes = dict(changes)
@@ -229,7 +229,7 @@ def run_identity(runner: Runner, opt: argparse.Namespace, settings: TrainSetting
                  hyp: Path, teacher: Path | None) -> dict:
     """What makes two student runs the same: the command and the bytes of its hyp file and teacher
     (plus the hyp's values, so that a method renamed or a recipe re-expressed still finds its runs)."""
-    from utils.train_setup import file_sha256
+    from utils.engine.setup import file_sha256
 
     command = runner.train_command(run_name(opt, method, seed), model_cfg(opt.student, "--student"), hyp, seed,
                                    settings, teacher)
@@ -250,12 +250,12 @@ def train_images(data: str | Path) -> int:
 def resolved_hyp(hyp: dict, images: int | None = None, batch: int | None = None) -> dict:
     """``hyp`` with the tool's automatic choices written out the way a user would write them: ``nbs``
     as a number and the weight average as ``ema_epochs: 3`` or YOLO's ``ema_decay`` / ``ema_tau``
-    (utils.optim.auto_nominal_batch, utils.ema.ema_choice). Two hyp files that train alike resolve alike,
+    (utils.engine.optim.auto_nominal_batch, utils.engine.ema.ema_choice). Two hyp files that train alike resolve alike,
     so a run recorded with ``nbs: 16, ema_epochs: 3`` is the one a plain hyp file trains on BCCD."""
     import math
 
-    from utils.ema import AUTO_SMALL_EPOCHS, DEFAULT_DECAY, DEFAULT_TAU, ema_choice
-    from utils.optim import AUTO, accumulate_steps, nominal_batch
+    from utils.engine.ema import AUTO_SMALL_EPOCHS, DEFAULT_DECAY, DEFAULT_TAU, ema_choice
+    from utils.engine.optim import AUTO, accumulate_steps, nominal_batch
 
     if images is None or batch is None:
         return dict(hyp)
@@ -279,7 +279,7 @@ def hyp_values_sha256(path: str | Path, images: int | None = None, batch: int | 
     import hashlib
     import json
 
-    from utils.train_setup import load_hyp
+    from utils.engine.setup import load_hyp
 
     values = resolved_hyp(load_hyp(path), images, batch)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
@@ -296,7 +296,7 @@ def trained_command(command: str) -> list[str]:
 
 def _recorded_hyp_values(record: dict) -> str | None:
     """The values hash of a record's hyp file while that file still holds the bytes the run used."""
-    from utils.train_setup import file_sha256
+    from utils.engine.setup import file_sha256
 
     path = Path(record["hyp"]) if isinstance(record.get("hyp"), str) else None
     if path is None or not path.is_file() or file_sha256(path) != record.get("hyp_sha256"):

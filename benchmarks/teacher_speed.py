@@ -34,7 +34,7 @@ from benchmarks.common import command_line, fmt, machine_info, markdown_table, r
 from utils.checkpoint.ours import load_model
 from utils.core.errors import UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
-from utils.train_setup import load_teacher
+from utils.engine.setup import load_teacher
 
 MS = 1e3
 FP32 = "folded, channels-last (train_distill.py, fp32)"

@@ -78,11 +78,11 @@ def gpu_only_rate(cfg: Path, hyp_path: Path, nc: int, opt: argparse.Namespace) -
     """(b): images/s of the engine's training step on one fixed random batch, no data loading."""
     from models.yolo import DetectionModel
     from utils.core.device import select_device
-    from utils.ema import ModelEMA
-    from utils.engine import GRAD_CLIP_NORM
+    from utils.engine.ema import ModelEMA
+    from utils.engine.trainer import GRAD_CLIP_NORM
     from utils.loss import DetectionLoss
-    from utils.optim import accumulate_steps, build_optimizer, nominal_batch, scaled_weight_decay
-    from utils.train_setup import load_hyp, resolve_amp
+    from utils.engine.optim import accumulate_steps, build_optimizer, nominal_batch, scaled_weight_decay
+    from utils.engine.setup import load_hyp, resolve_amp
 
     device = select_device(opt.device)
     torch.manual_seed(opt.seed)

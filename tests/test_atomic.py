@@ -9,7 +9,7 @@ import pytest
 
 from utils.core import atomic
 from utils.core.atomic import atomic_write, atomic_write_text, swap_in_folder
-from utils.run_logger import RunLogger
+from utils.engine.run_logger import RunLogger
 
 
 def _half_then_fail(failure: BaseException):

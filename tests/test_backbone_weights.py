@@ -30,8 +30,8 @@ from utils.checkpoint.backbone import (
 )
 from utils.core.errors import UserError
 from utils.data.synthetic import generate
-from utils.train_args import build_parser
-from utils.train_setup import build_model
+from utils.engine.args import build_parser
+from utils.engine.setup import build_model
 
 from tests.helpers import randomize_bn
 

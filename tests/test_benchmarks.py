@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from benchmarks import common, distill_gain, train_bccd, train_speed
-from utils.train_setup import file_sha256
+from utils.engine.setup import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,7 +242,7 @@ def test_random_teacher_file_is_the_same_in_every_session(tmp_path):
 
 
 def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
-    from utils.engine import Trainer
+    from utils.engine.trainer import Trainer
     from utils.data.synthetic import generate
 
     data = generate(tmp_path / "syn", n_train=8, n_val=4, img_size=64, seed=0)

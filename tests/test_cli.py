@@ -27,8 +27,8 @@ from utils.core.device import dist_info
 from utils.core.errors import UserError
 from utils.export.onnx import read_metadata
 from utils.data.sources import resolve_source
-from utils.train_args import apply_local_rank, build_parser
-from utils.train_setup import load_hyp
+from utils.engine.args import apply_local_rank, build_parser
+from utils.engine.setup import load_hyp
 
 from tests.helpers import train_argv
 

@@ -606,7 +606,7 @@ CPU implementer\t: 0x41
 @pytest.mark.parametrize("text, native", [(CPUINFO_SAPPHIRE_RAPIDS, True), (CPUINFO_EPYC_MILAN, False),
                                           (CPUINFO_ARM, False)])
 def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, text, native):
-    from utils.train_setup import cpu_has_native_bf16
+    from utils.engine.setup import cpu_has_native_bf16
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(text)
@@ -615,8 +615,8 @@ def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, text, native):
 
 
 def test_teacher_dtype_auto_and_explicit(monkeypatch):
-    from utils import train_setup
-    from utils.train_setup import resolve_teacher_dtype
+    from utils.engine import setup as train_setup
+    from utils.engine.setup import resolve_teacher_dtype
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):

@@ -506,7 +506,7 @@ def test_export_detect_and_prune_take_an_official_file(files, tmp_path, syntheti
     assert summary.params_after < summary.params_before and load_model(pruned).nc == NC
 
     # train.py / train_distill.py --weights: fine-tuning an official file on data with other classes
-    from utils.train_setup import build_model
+    from utils.engine.setup import build_model
     opt = argparse.Namespace(cfg="", weights=str(official.path))
     model = build_model(opt, nc=7, names=[str(i) for i in range(7)])
     transferred = model.state_dict()
@@ -517,7 +517,7 @@ def test_export_detect_and_prune_take_an_official_file(files, tmp_path, syntheti
 
 
 def test_dual_teacher_distils_through_its_main_branch(files):
-    from utils.train_setup import load_teacher
+    from utils.engine.setup import load_teacher
 
     official = files.get("yolov9-s", "stripped")
     teacher = load_teacher(str(official.path), NAMES, torch.device("cpu"))

@@ -41,7 +41,7 @@ def test_teacher_is_folded_and_computes_what_the_trained_model_computes():
     import torch
 
     from models.common import RepConvN
-    from utils.train_setup import load_teacher
+    from utils.engine.setup import load_teacher
 
     path = ROOT / "weights" / "gelan-s-bccd256-e160.pt"
     reference = load_model(path).float().eval()
@@ -72,7 +72,7 @@ def test_bf16_teacher_teaches_nearly_what_the_fp32_teacher_does():
     import torch
 
     from utils.distill.loss import flatten_maps
-    from utils.train_setup import load_teacher
+    from utils.engine.setup import load_teacher
 
     path, names = str(ROOT / "weights" / "gelan-s-bccd256-e160.pt"), ["RBC", "WBC", "Platelets"]
     fp32 = load_teacher(path, names, torch.device("cpu"))

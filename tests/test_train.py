@@ -14,9 +14,9 @@ import torch
 import train
 import train_distill
 from utils.checkpoint.ours import load_checkpoint, load_model
-from utils.engine import Trainer
+from utils.engine.trainer import Trainer
 from utils.data.synthetic import generate
-from utils.train_args import build_parser
+from utils.engine.args import build_parser
 
 from tests.helpers import HYP_DISTILL, HYP_LOW, STUDENT_YAML as STUDENT, interrupt_after_epoch
 from tests.helpers import results_rows as _rows
@@ -210,7 +210,7 @@ def test_two_process_ddp_matches_single_process_shape(tmp_path):
 
 def test_hyp_base_is_merged_and_loops_refused(tmp_path):
     from utils.core.errors import UserError
-    from utils.train_setup import load_hyp
+    from utils.engine.setup import load_hyp
 
     (tmp_path / "mine.yaml").write_text(f"base: [{HYP_DISTILL}, extra.yaml]\nnbs: 16\n")
     (tmp_path / "extra.yaml").write_text("ema_epochs: 3\nnbs: 32\ndistill_cls: 1.0\n")
@@ -244,7 +244,7 @@ def test_nominal_batch_hyp_sets_the_images_per_optimizer_step(tiny_data, tmp_pat
 
 def test_nominal_batch_values():
     from utils.core.errors import UserError
-    from utils.optim import accumulate_steps, nominal_batch, scaled_weight_decay, warmup_accumulate
+    from utils.engine.optim import accumulate_steps, nominal_batch, scaled_weight_decay, warmup_accumulate
 
     assert nominal_batch({}) == 64 and nominal_batch({"nbs": 16}) == 16
     assert accumulate_steps(16) == 4 and accumulate_steps(16, 16) == 1 and accumulate_steps(16, 8) == 1
@@ -263,7 +263,7 @@ def test_nominal_batch_values():
     (205, 16, 16), (103, 16, 16),  # BCCD and half of it: every batch a step
     (205, 8, 8), (500, 128, 128), (100_000, 128, 64)])
 def test_auto_nominal_batch(images, batch, nbs):
-    from utils.optim import MIN_STEPS_PER_EPOCH, auto_nominal_batch, nominal_batch
+    from utils.engine.optim import MIN_STEPS_PER_EPOCH, auto_nominal_batch, nominal_batch
 
     chosen, reason = auto_nominal_batch(images, batch)
     assert chosen == nbs and str(images) in reason
@@ -273,7 +273,7 @@ def test_auto_nominal_batch(images, batch, nbs):
 
 
 def test_ema_auto_is_yolos_on_a_large_set_and_a_few_epochs_on_a_small_one():
-    from utils.ema import ema_choice
+    from utils.engine.ema import ema_choice
     from utils.core.errors import UserError
 
     assert ema_choice({}, 118_287 / 64)[:2] == (0.9999, 2000.0)  # COCO at nbs 64

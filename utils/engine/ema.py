@@ -10,7 +10,7 @@ from torch import nn
 
 from utils.core.device import unwrap
 from utils.core.errors import UserError
-from utils.optim import AUTO
+from utils.engine.optim import AUTO
 
 DEFAULT_DECAY = 0.9999
 DEFAULT_TAU = 2000

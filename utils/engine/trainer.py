@@ -23,17 +23,17 @@ from utils.data.config import load_data_config
 from utils.data.dataset import close_mosaic, create_dataloader
 from utils.core.device import dist_info, rng_state, seed_everything, select_device, set_rng_state, unwrap
 from utils.distill import DistillConfig, DistillStudent
-from utils.ema import ModelEMA, ema_choice
+from utils.engine.ema import ModelEMA, ema_choice
 from utils.core.errors import UserError
 from utils.eval.evaluator import evaluate
 from utils.core.log import LOGGER
 from utils.loss import DetectionLoss, DistillationLoss
 from utils.eval.metrics import fitness
-from utils.optim import (AUTO, accumulate_steps, apply_warmup, auto_nominal_batch, build_optimizer, lr_lambda,
+from utils.engine.optim import (AUTO, accumulate_steps, apply_warmup, auto_nominal_batch, build_optimizer, lr_lambda,
                          nominal_batch, scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.core.paths import increment_path
-from utils.run_logger import RunLogger
-from utils.train_setup import (build_model, file_sha256, find_resume_checkpoint, freeze_layers, load_hyp,
+from utils.engine.run_logger import RunLogger
+from utils.engine.setup import (build_model, file_sha256, find_resume_checkpoint, freeze_layers, load_hyp,
                                load_teacher, resolve_amp, resolve_teacher_dtype, resume_options,
                                teacher_memory_format)
 
@@ -156,7 +156,7 @@ class Trainer:
 
     def _resolve_auto_settings(self) -> None:
         """The nominal batch and the weight average chosen from the training set's size when the hyp
-        says ``auto`` or nothing (utils.optim.auto_nominal_batch, utils.ema.ema_choice); logged once
+        says ``auto`` or nothing (utils.engine.optim.auto_nominal_batch, utils.engine.ema.ema_choice); logged once
         with the reason, and written into the hyp (hyp.yaml, checkpoints) so a resume repeats them."""
         images, batch = len(self.train_set), self.opt.batch
         if self.hyp.get("nbs", AUTO) in (AUTO, None):

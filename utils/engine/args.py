@@ -8,7 +8,7 @@ from pathlib import Path
 
 from utils.core.errors import ArgumentParser, UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository root, above utils/engine/
 HYP_DIR = ROOT / "hyp"
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 CACHE_CHOICES = ("ram", "disk")  # disk: the YOLOv5/YOLOv9 spelling, refused with a pointer to ram
