@@ -373,7 +373,7 @@ def step_latency(ctx: Context) -> None:
     from export import prepare_model
     from models.yolo import DetectionModel
     from utils.checkpoint.ours import make_checkpoint, save_checkpoint
-    from utils.model_info import count_params, gflops
+    from models.info import count_params, gflops
 
     opt = ctx.opt
     img = DRY.img if opt.dry_run else IMG

@@ -33,7 +33,7 @@ from export import prepare_model
 from models.yolo import DetectionModel
 from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 from utils.export.onnx import export_onnx
-from utils.model_info import count_params, gflops
+from models.info import count_params, gflops
 
 TEACHERS = ("gelan-s", "yolov9-s")
 STUDENTS = ("yolov9-tiny", "yolov9-tiny-1.0x", "mobilenetv3-small")

@@ -101,7 +101,7 @@ def interleaved_latency(paths: dict[str, Path], img: int, rounds: int) -> dict[s
 def run_checkpoint(weights: Path, opt: argparse.Namespace, data: str) -> dict:
     """All variants of one checkpoint: metrics, sizes, latency."""
     from utils.checkpoint.ours import load_model
-    from utils.model_info import count_params
+    from models.info import count_params
 
     folder = Path(opt.work) / weights.parent.parent.name / weights.stem if weights.parent.name == "weights" \
         else Path(opt.work) / weights.stem

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train_and_score(runner: Runner, model: str, seed: int, hyp: Path, settings: TrainSettings) -> dict:
     """One model and seed: train, count parameters, validate on val and test; returns the row dict."""
     from utils.checkpoint.ours import load_model
-    from utils.model_info import count_params
+    from models.info import count_params
 
     run = runner.train(f"{Path(model).stem}-seed{seed}", model_cfg(model), hyp, seed, settings)
     val = runner.validate(run["best"], settings, "val", Path(run["dir"]))

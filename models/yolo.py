@@ -23,7 +23,7 @@ from models.common import CHANNEL_DIVISOR, Conv, RepConvN, make_divisible
 from models.heads import DDetect, branch_maps
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
-from utils.model_info import log_model_info
+from models.info import log_model_info
 
 DETECT_DIR = Path(__file__).resolve().parent / "detect"
 STRIDE_PROBE_SIZE = 256  # square zero image used to measure the head strides (train mode)

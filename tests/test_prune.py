@@ -16,7 +16,7 @@ from models.heads import branch_maps, main_output
 from models.yolo import DetectionModel
 from utils.checkpoint.ours import load_checkpoint, load_model, make_checkpoint, save_checkpoint
 from utils.core.errors import UserError
-from utils.model_info import count_params
+from models.info import count_params
 from utils.export.prune import (TraceBoundary, build_pruner, check_ratio, protected_layers, prune_model, prune_weights,
                          pruned_checkpoint)
 

@@ -53,7 +53,7 @@ from models.heads import DDetect, branch_maps
 from models.yolo import DetectionModel
 from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint
 from utils.core.errors import UserError
-from utils.model_info import count_params, gflops
+from models.info import count_params, gflops
 
 MAX_RATIO = 0.9  # keep at least 10 % of every group; beyond that a detector is not fine-tunable
 PRUNE_METHODS: dict[str, Callable[[], tp.importance.Importance]] = {
