@@ -67,13 +67,12 @@ class DDetect(nn.Module):
         nc: number of classes.
         ch: input channels of every branch input, branch after branch (``num_branches * nl``
             entries); the last ``nl`` inputs form the main branch.
-        inplace: kept for checkpoint compatibility (unused).
     """
 
     num_branches = 1
     export = False  # eval forward returns only the main branch's decoded predictions
 
-    def __init__(self, nc: int = 80, ch: Sequence[int] = (), inplace: bool = True):
+    def __init__(self, nc: int = 80, ch: Sequence[int] = ()):
         super().__init__()
         ch = tuple(ch)
         if not ch or len(ch) % self.num_branches:
@@ -83,7 +82,6 @@ class DDetect(nn.Module):
         self.nl = len(ch) // self.num_branches
         self.reg_max = REG_MAX
         self.no = nc + 4 * REG_MAX
-        self.inplace = inplace
         self.stride = torch.zeros(self.nl)  # set by the model once it has probed the strides
         for branch in range(self.num_branches):
             box_name, cls_name, _ = _branch_names(branch)

@@ -204,7 +204,6 @@ class DetectionModel(nn.Module):
             raise UserError(f"{source}: the last layer must be a detection head (DDetect or DualDDetect).")
         self.nc = self.yaml["nc"]
         self.names = _class_names(self.yaml, self.nc)
-        self.inplace = self.yaml.get("inplace", True)
         self._inputs = [_absolute_inputs(m.i, m.f) for m in self.model]
         self.distill_layers = self._distill_layers(source)
 

@@ -130,6 +130,21 @@ def test_hyp_name_is_looked_up_in_hyp(tmp_path, monkeypatch, capsys):
     assert "--hyp" in line and "hyp.nope.yaml" in line and str(hyp_dir) in line
 
 
+def test_yolov9_hyp_keys_of_anchor_based_heads_are_accepted(tmp_path):
+    """obj, obj_pw, iou_t and anchor_t mean nothing to the anchor-free head, but a YOLOv9 user's hyp file
+    has them: they load, and neither the loss nor the distillation settings refuse them."""
+    from utils.distill import DistillConfig
+    from utils.loss import DetectionLoss
+
+    yolov9_only = {"obj": 0.7, "obj_pw": 1.0, "iou_t": 0.2, "anchor_t": 5.0}
+    hyp_file = tmp_path / "hyp.yolov9.yaml"
+    hyp_file.write_text(yaml.safe_dump({**load_hyp(ROOT / "hyp" / "hyp.distill.yaml"), **yolov9_only}))
+    hyp = load_hyp(hyp_file)
+    assert {key: hyp[key] for key in yolov9_only} == yolov9_only
+    DistillConfig.from_hyp(hyp)
+    DetectionLoss(DetectionModel("gelan-t.yaml", nc=2), hyp)
+
+
 # ------------------------------------------------------------------------------------------ --cache
 def test_cache_ram_bare_and_disk_refused(capsys):
     assert build_parser().parse_args(["--data", "synthetic", "--cache"]).cache == "ram"

@@ -78,7 +78,7 @@ def test_vocdevkit_with_two_years_merges_their_splits(work, bccd, reference):
     splits = assert_bccd(result, work / "devkit-out", reference, SORTED_NAMES)
     assert splits == {s: set(stems) for s, stems in published.items()}
     assert any("layout 'devkit'" in n and "VOC2007" in n and "VOC2012" in n for n in result.notes)
-    # Run on a year folder itself: the old single-year form.
+    # Run on a year folder itself (VOC2012 without its VOCdevkit parent): the single-year form.
     single = convert_voc(devkit / "VOC2012", work / "voc2012-out")
     assert single.images == {"train": 102, "val": 43}  # the odd-numbered half of train and val
 

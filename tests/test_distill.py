@@ -112,7 +112,7 @@ def test_pkd_standardises_per_channel_over_the_whole_batch():
     scale, shift = torch.rand(1, 4, 1, 1) + 0.5, torch.randn(1, 4, 1, 1)
     assert term(teacher * scale + shift, teacher) < 1e-5  # one scale/shift per channel: no loss
     per_image_shift = torch.randn(3, 1, 1, 1) * 3
-    # a per-image shift changes the per-channel statistics over N*H*W (the old per-image form ignored it)
+    # a per-image shift changes the per-channel statistics over N*H*W (statistics per image would not see it)
     assert term(teacher + per_image_shift, teacher) > 0.05
 
 
@@ -622,7 +622,7 @@ def test_teacher_dtype_auto_and_explicit(monkeypatch):
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(train_setup, "cpu_has_native_bf16", lambda native=native: native)
         assert resolve_teacher_dtype("auto", cpu) == expected
-        assert resolve_teacher_dtype("auto", cuda) == torch.float16  # as before the key existed
+        assert resolve_teacher_dtype("auto", cuda) == torch.float16  # CUDA: fp16 whatever the CPU
         assert resolve_teacher_dtype("fp32", cpu) == torch.float32 and resolve_teacher_dtype("bf16", cpu) == torch.bfloat16
     assert resolve_teacher_dtype("fp16", cuda) == torch.float16
     with pytest.raises(UserError, match="fp16"):

@@ -458,7 +458,7 @@ def test_convert_once_then_val_gives_the_same_map(tmp_path, synthetic):
     model = _detecting(fx.build("yolov9-t", len(CLASS_NAMES), seed=5))
     official = fx.write_stripped(tmp_path / "yolov9-t.pt", model, list(CLASS_NAMES))
     ours = checkpoint_main(["convert", str(official.path), str(tmp_path / "yolov9-t-ours.pt")])
-    raw = torch.load(ours, map_location="cpu", weights_only=True)  # plain data now
+    raw = torch.load(ours, map_location="cpu", weights_only=True)  # plain data: no unpickler needed
     assert raw["names"] == list(CLASS_NAMES) and raw["extra"]["official_branch"] == "model"
     assert all(torch.equal(raw["state_dict"][k], v) for k, v in official.state_dict.items())
     metrics = [val.run(weights=str(w), data=synthetic, imgsz=IMG, batch_size=4, workers=0, device="cpu",

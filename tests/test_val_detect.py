@@ -1,4 +1,5 @@
-"""val.py, detect_dual.py, utils/eval/evaluator.py, utils/export/backends.py and utils/data/sources.py end to end (CPU, tiny)."""
+"""val.py, detect_dual.py, utils/eval/evaluator.py, utils/export/backends.py and utils/data/sources.py end to end
+(CPU, tiny)."""
 
 import cv2
 import numpy as np

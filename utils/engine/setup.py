@@ -148,7 +148,7 @@ def resolve_teacher_dtype(name: str, device: torch.device) -> torch.dtype:
 
     ``auto``: fp16 on CUDA; bf16 on a CPU with bf16 hardware (AMX / AVX512-BF16: the teacher's forward,
     most of a CPU distillation step, takes about a third of the fp32 time there,
-    benchmarks/teacher_speed.py); fp32 elsewhere. Only the teacher changes: the student trains as before.
+    benchmarks/teacher_speed.py); fp32 elsewhere. Only the teacher's dtype: the student keeps its own precision.
     """
     if name == "auto":
         if device.type == "cuda":
