@@ -186,7 +186,7 @@ def resolve_data(opt: argparse.Namespace) -> Path:
 
 
 def count_images(split: str | list[str]) -> int:
-    """Images in a split as data_config resolves it (folders or list files)."""
+    """Images in a split as utils.data.config resolves it (folders or list files)."""
     total = 0
     for entry in split if isinstance(split, list) else [split]:
         path = Path(entry)
