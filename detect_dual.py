@@ -16,15 +16,15 @@ import cv2
 import numpy as np
 import torch
 
-from utils.data.augment import letterbox
-from utils.export.backends import load_backend
-from utils.ops.boxes import scale_boxes, xyxy2xywhn
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
-from utils.ops.nms import non_max_suppression
 from utils.core.paths import increment_path
-from utils.eval.plots import draw_detections
+from utils.data.augment import letterbox
 from utils.data.sources import Frame, open_source
+from utils.eval.plots import draw_detections
+from utils.export.backends import load_backend
+from utils.ops.boxes import scale_boxes, xyxy2xywhn
+from utils.ops.nms import non_max_suppression
 
 ROOT = Path(__file__).resolve().parent
 VIDEO_FOURCC = "mp4v"

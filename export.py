@@ -22,11 +22,11 @@ from models.yolo import DetectionModel, reparameterize
 from utils.checkpoint.ours import load_model
 from utils.core.device import select_device
 from utils.core.errors import ArgumentParser, UserError, cli_main
-from utils.export.onnx import DEFAULT_OPSET, FP16_QDQ_OPSET, MIN_OPSET, export_onnx
-from utils.export.trt import ORIN_NANO_WORKSPACE_MIB, TRT_VERSIONS, engine_or_command
 from utils.core.log import LOGGER, setup_logging
+from utils.export.onnx import DEFAULT_OPSET, FP16_QDQ_OPSET, MIN_OPSET, export_onnx
 from utils.export.quantize import (CALIB_METHODS, DEFAULT_CALIB_IMAGES, MIN_CALIB_IMAGES, CalibrationSettings,
-                            check_calibration)
+                                   check_calibration)
+from utils.export.trt import ORIN_NANO_WORKSPACE_MIB, TRT_VERSIONS, engine_or_command
 
 FORMATS = ("onnx", "engine")
 END2END_FORMAT = "onnx_end2end"  # YOLOv9's --include spelling of onnx with --end2end

@@ -12,13 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from utils.export.backends import load_backend
-from utils.data.config import load_data_config
-from utils.data.dataset import create_dataloader
 from utils.core.errors import ArgumentParser, UserError, cli_main
-from utils.eval.evaluator import evaluate, format_results
 from utils.core.log import LOGGER, setup_logging
 from utils.core.paths import increment_path
+from utils.data.config import load_data_config
+from utils.data.dataset import create_dataloader
+from utils.eval.evaluator import evaluate, format_results
+from utils.export.backends import load_backend
 
 ROOT = Path(__file__).resolve().parent
 TASKS = ("val", "test", "speed")

@@ -37,12 +37,12 @@ import torch
 import yaml
 
 from benchmarks.common import bccd_data
-from utils.data.config import load_data_config
-from utils.data.dataset import create_dataloader
 from utils.core.device import select_device
 from utils.core.errors import UserError, cli_main
-from utils.data.gpu_augment import GPUAugment
 from utils.core.log import LOGGER, setup_logging
+from utils.data.config import load_data_config
+from utils.data.dataset import create_dataloader
+from utils.data.gpu_augment import GPUAugment
 
 ROOT = Path(__file__).resolve().parents[1]
 BCCD_ROOT = ROOT / "data" / "bccd"  # bundled in the repository

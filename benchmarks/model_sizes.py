@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from models.yolo import DetectionModel
 from models.info import count_params, gflops
+from models.yolo import DetectionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("gelan-s", "gelan-t", "yolov9-s", "yolov9-tiny", "yolov9-tiny-1.0x", "mobilenetv3-small",

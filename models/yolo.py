@@ -21,9 +21,9 @@ from torch import nn
 from models import backbones, common, heads
 from models.common import CHANNEL_DIVISOR, Conv, RepConvN, make_divisible
 from models.heads import DDetect, branch_maps
+from models.info import log_model_info
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
-from models.info import log_model_info
 
 DETECT_DIR = Path(__file__).resolve().parent / "detect"
 STRIDE_PROBE_SIZE = 256  # square zero image used to measure the head strides (train mode)

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from utils.ops.assigner import TaskAlignedAssigner
 from models.anchors import make_anchors
+from utils.ops.assigner import TaskAlignedAssigner
 from utils.ops.boxes import bbox_iou
 
 STRIDE = 8

@@ -18,7 +18,7 @@ import torch
 
 from models.yolo import DetectionModel
 from utils.checkpoint.ours import (CHECKPOINT_FORMAT, load_checkpoint, load_model, make_checkpoint, save_checkpoint,
-                              strip_checkpoint)
+                                   strip_checkpoint)
 from utils.core.errors import UserError
 
 NC = 3

@@ -22,13 +22,13 @@ import train_distill
 import val
 from models.yolo import DetectionModel
 from utils.checkpoint.ours import make_checkpoint, save_checkpoint
-from utils.data.config import _find_yaml, _parse_names, load_data_config
 from utils.core.device import dist_info
 from utils.core.errors import UserError
-from utils.export.onnx import read_metadata
+from utils.data.config import _find_yaml, _parse_names, load_data_config
 from utils.data.sources import resolve_source
 from utils.engine.args import apply_local_rank, build_parser
 from utils.engine.setup import load_hyp
+from utils.export.onnx import read_metadata
 
 from tests.helpers import train_argv
 

@@ -20,10 +20,10 @@ from export_fixtures import (BCCD, BCCD_BOXES, BCCD_DEGENERATE, BCCD_IMAGES, BCC
                              make_roboflow_voc, make_roboflow_yolo, original_stem, read_bccd)
 from utils.convert import convert_coco_export, convert_voc, main
 from utils.convert.writer import assign_splits, random_split
-from utils.data.config import load_data_config
-from utils.data.dataset import create_dataloader
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
+from utils.data.config import load_data_config
+from utils.data.dataset import create_dataloader
 
 SORTED_NAMES = ["Platelets", "RBC", "WBC"]  # no classes.txt in an export: the names found, sorted
 VAL, TEST, SEED = 0.2, 0.1, 0

@@ -14,8 +14,8 @@ import yaml
 from export_fixtures import BCCD, BCCD_SPLITS
 from utils.convert import main
 from utils.convert.prepare import MARKER
-from utils.data.config import load_data_config
 from utils.core.errors import UserError
+from utils.data.config import load_data_config
 from utils.data.labels import list_image_files
 
 ROOT = Path(__file__).resolve().parents[1]

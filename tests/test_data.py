@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 
-from utils.data import labels, synthetic
 from utils.core import atomic
-from utils.ops.boxes import scale_boxes, xywhn2xyxy
+from utils.core.errors import UserError
+from utils.data import labels, synthetic
 from utils.data.config import load_data_config
 from utils.data.dataset import close_mosaic, create_dataloader
-from utils.core.errors import UserError
+from utils.ops.boxes import scale_boxes, xywhn2xyxy
 
 ROOT = Path(__file__).resolve().parents[1]
 RGB = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)], np.uint8)

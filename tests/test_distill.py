@@ -10,13 +10,13 @@ import pytest
 import torch
 import yaml
 
+from utils.core.errors import UserError
 from utils.distill import ITEM_KEYS, DistillConfig, DistillationLoss, DistillStudent, FeatureAdapter
 from utils.distill.loss import flatten_maps
 from utils.distill.schedule import (backbone_end, distill_weight_at, resolve_stop_epoch,
                                     set_backbone_trainable)
 from utils.distill.terms import (FEATURE_LOSSES, AttentionTransferLoss, CWDLoss, MGDLoss, PKDLoss, binary_kd,
                                  dfl_kd, softmax_kd)
-from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 HYP = ROOT / "hyp" / "hyp.distill.yaml"

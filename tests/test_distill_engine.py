@@ -11,8 +11,8 @@ import torch
 import train
 import train_distill
 from utils.checkpoint.ours import load_checkpoint
-from utils.engine.trainer import Trainer
 from utils.engine.args import build_parser
+from utils.engine.trainer import Trainer
 
 from tests.helpers import HYP_DISTILL, interrupt_after_epoch
 from tests.helpers import results_rows as _rows

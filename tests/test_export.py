@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 import export
-from utils.export import trt as export_trt
 from models.heads import main_output
 from models.yolo import DetectionModel
-from utils.data.augment import letterbox
-from utils.export.backends import load_backend
 from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint
+from utils.data.augment import letterbox
+from utils.export import trt as export_trt
+from utils.export.backends import load_backend
 from utils.export.onnx import TRT_OUTPUTS, EndToEnd, export_onnx, read_metadata
 from utils.ops.nms import non_max_suppression
 

@@ -26,9 +26,9 @@ from onnx import TensorProto, helper, numpy_helper
 import export
 from models.yolo import DetectionModel
 from tests.trt_standins import make_tensorrt
+from utils.core.errors import UserError, cli_main
 from utils.export import trt as export_trt
 from utils.export.backends import OnnxBackend, TensorRTBackend
-from utils.core.errors import UserError, cli_main
 from utils.export.onnx import export_onnx
 from utils.export.trt import (build_engine, check_engine_precision, conv_layer_precisions, layer_info_path,
                               trtexec_command)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.data.augment import augment_hsv
 from utils.core.errors import UserError
+from utils.data.augment import augment_hsv
 from utils.data.gpu_augment import AugmentParams, GPUAugment, perspective_matrix
 
 SIZE = 128

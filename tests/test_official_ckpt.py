@@ -25,9 +25,9 @@ import official_ckpt_fixtures as fx
 from models.heads import branch_maps
 from models.yolo import reparameterize
 from utils.checkpoint.cli import main as checkpoint_main
+from utils.checkpoint.official import MODULE_CLASSES, read_official
 from utils.checkpoint.ours import load_checkpoint, load_model
 from utils.core.errors import UserError
-from utils.checkpoint.official import MODULE_CLASSES, read_official
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "tests" / "data" / "yolov9-keys"  # measured key lists, copied from shared/reference/yolov9

@@ -13,12 +13,12 @@ from torch import nn
 
 import prune as prune_cli
 from models.heads import branch_maps, main_output
+from models.info import count_params
 from models.yolo import DetectionModel
 from utils.checkpoint.ours import load_checkpoint, load_model, make_checkpoint, save_checkpoint
 from utils.core.errors import UserError
-from models.info import count_params
 from utils.export.prune import (TraceBoundary, build_pruner, check_ratio, protected_layers, prune_model, prune_weights,
-                         pruned_checkpoint)
+                                pruned_checkpoint)
 
 NC = 3
 IMG = 64

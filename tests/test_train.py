@@ -14,9 +14,9 @@ import torch
 import train
 import train_distill
 from utils.checkpoint.ours import load_checkpoint, load_model
-from utils.engine.trainer import Trainer
 from utils.data.synthetic import generate
 from utils.engine.args import build_parser
+from utils.engine.trainer import Trainer
 
 from tests.helpers import HYP_DISTILL, HYP_LOW, STUDENT_YAML as STUDENT, interrupt_after_epoch
 from tests.helpers import results_rows as _rows

@@ -8,12 +8,12 @@ import torch
 
 import detect_dual
 import val
+from utils.core.errors import UserError
 from utils.data.augment import letterbox
+from utils.data.sources import open_source
+from utils.eval.evaluator import evaluate
 from utils.export.backends import load_backend
 from utils.ops.boxes import scale_boxes
-from utils.core.errors import UserError
-from utils.eval.evaluator import evaluate
-from utils.data.sources import open_source
 
 IMG = 64
 CLASS_NAMES = ["circle", "ring", "triangle", "square", "star", "cross", "hexagon"]  # the synthetic set's

@@ -16,10 +16,10 @@ from torch import nn
 
 from models.anchors import bbox2dist, dist2bbox, make_anchors
 from models.heads import branch_maps, flatten_maps
+from utils.core.errors import UserError
+from utils.distill import DistillationLoss
 from utils.ops.assigner import TaskAlignedAssigner
 from utils.ops.boxes import bbox_iou, xywh2xyxy
-from utils.distill import DistillationLoss
-from utils.core.errors import UserError
 
 # DistillationLoss (utils/distill/loss.py) is re-exported here: `from utils.loss import DistillationLoss`.
 __all__ = ["BranchTargets", "DetectionLoss", "DistillationLoss", "GroundTruth"]

@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 from models.backbones import ConvBNAct, MobileV3Block, ShuffleV2Block, ShuffleV2Stage, ShuffleV2Stem
+from utils.checkpoint.official import exception_text
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
-from utils.checkpoint.official import exception_text
 
 IMAGENET = "imagenet"  # name: torchvision's default ImageNet weights of the matching architecture
 NO_WEIGHTS = "none"  # name: random init even when the model yaml names backbone weights

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from models.yolo import DetectionModel
+from utils.checkpoint.official import OfficialModel, check_file, exception_text, read_official
 from utils.core.atomic import atomic_write
 from utils.core.device import unwrap
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
-from utils.checkpoint.official import OfficialModel, check_file, exception_text, read_official
 
 CHECKPOINT_FORMAT = "yolo-distill/1"
 FORMAT_PREFIX = "yolo-distill/"

@@ -19,8 +19,8 @@ import yaml
 from PIL import Image
 
 from utils.core.errors import UserError
-from utils.data.labels import IMG_FORMATS
 from utils.core.log import LOGGER
+from utils.data.labels import IMG_FORMATS
 
 SPLITS = ("train", "val", "test")
 YAML_HEADER = "# Written by utils.convert"

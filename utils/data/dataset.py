@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils.data import augment as aug
-from utils.ops.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.core.errors import UserError
-from utils.data.labels import list_image_files, load_labels
 from utils.core.log import LOGGER
+from utils.data import augment as aug
+from utils.data.labels import list_image_files, load_labels
+from utils.ops.boxes import xywhn2xyxy, xyxy2xywhn
 
 # Augmentation keys read from the hyp dict; a missing key means "off".
 AUG_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",

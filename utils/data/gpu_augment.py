@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.data.augment import MAX_ASPECT_RATIO, MIN_AREA_FRACTION, MIN_BOX_PX, PAD_VALUE
 from utils.core.errors import UserError
+from utils.data.augment import MAX_ASPECT_RATIO, MIN_AREA_FRACTION, MIN_BOX_PX, PAD_VALUE
 
 # The grey border and the candidate-filter thresholds come from the CPU path (utils/data/augment.py)
 # so that both paths keep and drop the same boxes.

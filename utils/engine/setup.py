@@ -13,9 +13,9 @@ from torch import nn
 from models.yolo import DetectionModel
 from utils.checkpoint.backbone import start_backbone
 from utils.checkpoint.ours import load_checkpoint, load_model
-from utils.distill.config import TEACHER_DTYPES
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
+from utils.distill.config import TEACHER_DTYPES
 
 HASH_CHUNK = 1 << 20
 

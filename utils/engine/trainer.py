@@ -19,23 +19,23 @@ import yaml
 from tqdm import tqdm
 
 from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint, strip_checkpoint
+from utils.core.device import dist_info, rng_state, seed_everything, select_device, set_rng_state, unwrap
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
+from utils.core.paths import increment_path
 from utils.data.config import load_data_config
 from utils.data.dataset import close_mosaic, create_dataloader
-from utils.core.device import dist_info, rng_state, seed_everything, select_device, set_rng_state, unwrap
 from utils.distill import DistillConfig, DistillStudent
 from utils.engine.ema import ModelEMA, ema_choice
-from utils.core.errors import UserError
-from utils.eval.evaluator import evaluate
-from utils.core.log import LOGGER
-from utils.loss import DetectionLoss, DistillationLoss
-from utils.eval.metrics import fitness
 from utils.engine.optim import (AUTO, accumulate_steps, apply_warmup, auto_nominal_batch, build_optimizer, lr_lambda,
-                         nominal_batch, scaled_weight_decay, warmup_accumulate, warmup_iterations)
-from utils.core.paths import increment_path
+                                nominal_batch, scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.engine.run_logger import RunLogger
 from utils.engine.setup import (build_model, file_sha256, find_resume_checkpoint, freeze_layers, load_hyp,
-                               load_teacher, resolve_amp, resolve_teacher_dtype, resume_options,
-                               teacher_memory_format)
+                                load_teacher, resolve_amp, resolve_teacher_dtype, resume_options,
+                                teacher_memory_format)
+from utils.eval.evaluator import evaluate
+from utils.eval.metrics import fitness
+from utils.loss import DetectionLoss, DistillationLoss
 
 GRAD_CLIP_NORM = 10.0
 LOG_INTERVAL = 10  # steps between progress-bar refreshes (each one reads losses back from the device)

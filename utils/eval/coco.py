@@ -27,9 +27,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.ops.boxes import xyxy2xywh
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
+from utils.ops.boxes import xyxy2xywh
 
 BOX_DECIMALS = 3
 SCORE_DECIMALS = 5

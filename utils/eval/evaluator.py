@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.ops.boxes import scale_boxes, xywhn2xyxy, xyxy2xywhn
 from utils.core.log import LOGGER
 from utils.eval.metrics import ConfusionMatrix, DetectionStats, fitness
+from utils.ops.boxes import scale_boxes, xywhn2xyxy, xyxy2xywhn
 from utils.ops.nms import non_max_suppression
 
 PLOT_BATCHES = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg

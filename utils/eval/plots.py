@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import torch
 
-from utils.ops.boxes import xywh2xyxy
 from utils.core.log import LOGGER
+from utils.ops.boxes import xywh2xyxy
 
 # a hand-picked palette of well separated colours (RGB hex), cycled by class index
 PALETTE_HEX = ("E6194B", "3CB44B", "4363D8", "F58231", "911EB4", "42D4F4", "F032E6", "BFEF45",

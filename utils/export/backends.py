@@ -14,10 +14,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.ops.boxes import xyxy2xywh
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
 from utils.export.trt_runtime import cuda_object, load_tensorrt
+from utils.ops.boxes import xyxy2xywh
 
 DEFAULT_STRIDE = 32
 ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

@@ -50,10 +50,10 @@ from torch import nn
 
 from models.backbones import ShuffleV2Block
 from models.heads import DDetect, branch_maps
+from models.info import count_params, gflops
 from models.yolo import DetectionModel
 from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint
 from utils.core.errors import UserError
-from models.info import count_params, gflops
 
 MAX_RATIO = 0.9  # keep at least 10 % of every group; beyond that a detector is not fine-tunable
 PRUNE_METHODS: dict[str, Callable[[], tp.importance.Importance]] = {

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.core.errors import UserError
-from utils.export.onnx import TYPED_PRECISIONS, read_metadata
 from utils.core.log import LOGGER
+from utils.export.onnx import TYPED_PRECISIONS, read_metadata
 from utils.export.trt_runtime import cuda_object, load_tensorrt
 
 GIB = 1 << 30
