@@ -29,7 +29,7 @@ demo: $(STAMP)
 # The demo's steps on a tiny generated data set (teacher 1 epoch, students 2): CI runs it so the main job cannot break.
 SMOKE := runs/demo-smoke
 demo-smoke: $(STAMP)
-	$(PY) -m utils.synthetic --out $(SMOKE)/data --train 16 --val 8 --img 128
+	$(PY) -m utils.data.synthetic --out $(SMOKE)/data --train 16 --val 8 --img 128
 	PY=$(PY) DEMO_RUNS=$(SMOKE) DEMO_DATA=$(SMOKE)/data/data.yaml DEMO_SOURCE=$(SMOKE)/data/images/val \
 	  DEMO_IMG=128 DEMO_BATCH=8 DEMO_TEACHER= DEMO_TEACHER_EPOCHS=1 DEMO_STUDENT_EPOCHS=2 DEMO_MAX_BATCHES=2 scripts/demo.sh
 

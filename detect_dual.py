@@ -16,15 +16,15 @@ import cv2
 import numpy as np
 import torch
 
-from utils.augment import letterbox
-from utils.backends import load_backend
-from utils.boxes import scale_boxes, xyxy2xywhn
-from utils.errors import ArgumentParser, UserError, cli_main
-from utils.log import LOGGER, setup_logging
-from utils.nms import non_max_suppression
-from utils.paths import increment_path
-from utils.plots import draw_detections
-from utils.sources import Frame, open_source
+from utils.core.errors import ArgumentParser, UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
+from utils.core.paths import increment_path
+from utils.data.augment import letterbox
+from utils.data.sources import Frame, open_source
+from utils.eval.plots import draw_detections
+from utils.export.backends import load_backend
+from utils.ops.boxes import scale_boxes, xyxy2xywhn
+from utils.ops.nms import non_max_suppression
 
 ROOT = Path(__file__).resolve().parent
 VIDEO_FOURCC = "mp4v"

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 
 from models.yolo import DetectionModel, reparameterize
-from utils.checkpoint import load_model
-from utils.device import select_device
-from utils.errors import ArgumentParser, UserError, cli_main
-from utils.export_onnx import DEFAULT_OPSET, FP16_QDQ_OPSET, MIN_OPSET, export_onnx
-from utils.export_trt import ORIN_NANO_WORKSPACE_MIB, TRT_VERSIONS, engine_or_command
-from utils.log import LOGGER, setup_logging
-from utils.quantize import (CALIB_METHODS, DEFAULT_CALIB_IMAGES, MIN_CALIB_IMAGES, CalibrationSettings,
-                            check_calibration)
+from utils.checkpoint.ours import load_model
+from utils.core.device import select_device
+from utils.core.errors import ArgumentParser, UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
+from utils.export.onnx import DEFAULT_OPSET, FP16_QDQ_OPSET, MIN_OPSET, export_onnx
+from utils.export.quantize import (CALIB_METHODS, DEFAULT_CALIB_IMAGES, MIN_CALIB_IMAGES, CalibrationSettings,
+                                   check_calibration)
+from utils.export.trt import ORIN_NANO_WORKSPACE_MIB, TRT_VERSIONS, engine_or_command
 
 FORMATS = ("onnx", "engine")
 END2END_FORMAT = "onnx_end2end"  # YOLOv9's --include spelling of onnx with --end2end
@@ -125,8 +125,8 @@ def prepare_model(weights: str | Path, device: torch.device, half: bool = False)
 
 def calibration(opt: argparse.Namespace) -> CalibrationSettings:
     """INT8 calibration settings: the train split of ``--data`` (UserError when it has too few images)."""
-    from utils.data_config import load_data_config
-    from utils.datasets import image_files
+    from utils.data.config import load_data_config
+    from utils.data.dataset import image_files
 
     data = load_data_config(opt.data)
     images = image_files(data["train"]) if data["train"] else []

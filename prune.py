@@ -8,7 +8,7 @@ Example:
 
 ``--ratio`` is the fraction of channels removed from every prunable layer group (``--scope
 uniform``) or from all of them ranked together (``--scope global``); the head outputs, the DFL and
-channels that pass a ShuffleNet shuffle or a split are kept (see ``utils/prune.py``). With
+channels that pass a ShuffleNet shuffle or a split are kept (see ``utils/export/prune.py``). With
 ``--data`` the model is validated before and after pruning (the pruned model before its fine-tune).
 """
 
@@ -18,9 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.errors import ArgumentParser, cli_main
-from utils.log import LOGGER, setup_logging
-from utils.prune import MAX_RATIO, PRUNE_METHODS, SCOPES, PruneSummary, prune_weights
+from utils.core.errors import ArgumentParser, cli_main
+from utils.core.log import LOGGER, setup_logging
+from utils.export.prune import MAX_RATIO, PRUNE_METHODS, SCOPES, PruneSummary, prune_weights
 
 ROOT = Path(__file__).resolve().parent
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.engine import run
-from utils.errors import UserError, cli_main
-from utils.log import setup_logging
-from utils.train_args import apply_local_rank, build_parser
+from utils.core.errors import UserError, cli_main
+from utils.core.log import setup_logging
+from utils.engine.args import apply_local_rank, build_parser
+from utils.engine.trainer import run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

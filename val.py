@@ -12,13 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from utils.backends import load_backend
-from utils.data_config import load_data_config
-from utils.datasets import create_dataloader
-from utils.errors import ArgumentParser, UserError, cli_main
-from utils.evaluate import evaluate, format_results
-from utils.log import LOGGER, setup_logging
-from utils.paths import increment_path
+from utils.core.errors import ArgumentParser, UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
+from utils.core.paths import increment_path
+from utils.data.config import load_data_config
+from utils.data.dataset import create_dataloader
+from utils.eval.evaluator import evaluate, format_results
+from utils.export.backends import load_backend
 
 ROOT = Path(__file__).resolve().parent
 TASKS = ("val", "test", "speed")
@@ -64,7 +64,7 @@ def run(weights: str, data: str = str(ROOT / "data" / "synthetic.yaml"), imgsz: 
         device: str = "", half: bool = False, save_json: bool = False, save_txt: bool = False,
         save_conf: bool = False, project: str = str(ROOT / "runs" / "val"), name: str = "exp",
         exist_ok: bool = False, workers: int = 8, verbose: bool = False, noplots: bool = False) -> dict:
-    """Validate ``weights`` on the ``task`` split of ``data``; returns the dict of ``utils.evaluate.evaluate``
+    """Validate ``weights`` on the ``task`` split of ``data``; returns the dict of ``utils.eval.evaluator.evaluate``
     plus ``save_dir``. Raises :class:`UserError` for bad flags, files or data."""
     if task not in TASKS:
         raise UserError(f"--task {task} is not one of {', '.join(TASKS)}")

@@ -30,9 +30,9 @@ from typing import Sequence
 
 import torch
 
-from utils.atomic import atomic_write_text
-from utils.errors import ArgumentParser, UserError
-from utils.log import LOGGER
+from utils.core.atomic import atomic_write_text
+from utils.core.errors import ArgumentParser, UserError
+from utils.core.log import LOGGER
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = ROOT / "models" / "detect"
@@ -160,7 +160,7 @@ def dry_run_data(work: Path) -> Path:
     """A tiny synthetic set for ``--dry-run``; its val images double as the test split."""
     import yaml
 
-    from utils.synthetic import generate
+    from utils.data.synthetic import generate
 
     root = work / "data" / "synthetic-dry"
     shutil.rmtree(root, ignore_errors=True)
@@ -176,7 +176,7 @@ def resolve_data(opt: argparse.Namespace) -> Path:
     if opt.dry_run:
         return dry_run_data(Path(opt.work))
     if opt.data:
-        from utils.data_config import load_data_config
+        from utils.data.config import load_data_config
 
         config = load_data_config(opt.data)
         if not config.get("val") or not config.get("test"):
@@ -186,7 +186,7 @@ def resolve_data(opt: argparse.Namespace) -> Path:
 
 
 def count_images(split: str | list[str]) -> int:
-    """Images in a split as data_config resolves it (folders or list files)."""
+    """Images in a split as utils.data.config resolves it (folders or list files)."""
     total = 0
     for entry in split if isinstance(split, list) else [split]:
         path = Path(entry)
@@ -325,7 +325,7 @@ class Runner:
         ``--resume`` (which gives the weights of an uninterrupted run); otherwise its folder is
         emptied first (results.csv must not mix two runs).
         """
-        from utils.train_setup import file_sha256
+        from utils.engine.setup import file_sha256
 
         run_dir = self.runs / name
         script, args = self._train_args(name, cfg, hyp, seed, settings, teacher)
@@ -440,7 +440,7 @@ def cpu_name() -> str:
 
 def machine_info(device: str = "") -> dict:
     """GPU (or 'none'), CPU model and count, torch and Python versions, and the date."""
-    from utils.device import select_device
+    from utils.core.device import select_device
 
     gpu = "none"
     if torch.cuda.is_available() and device != "cpu":

@@ -54,9 +54,9 @@ from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_
                                fmt_spread, hyp_file, machine_info, markdown_table, mean_spread, model_cfg,
                                read_results_csv, report_header, resolve_data, results_path, train_rate,
                                training_parser, write_results)
-from utils.atomic import atomic_write_text
-from utils.errors import UserError, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.atomic import atomic_write_text
+from utils.core.errors import UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
 
 EPOCHS = 40
 TEACHER_EPOCHS = 60
@@ -131,7 +131,7 @@ def parse_hyp_set(items: list[str]) -> dict:
 
 def write_hyp(folder: Path, name: str, source: Path, changes: dict) -> Path:
     """``source`` with ``changes`` applied, written as ``folder/name.yaml`` (unchanged content keeps its path)."""
-    from utils.train_setup import load_hyp
+    from utils.engine.setup import load_hyp
 
     base = load_hyp(source)
     changes = dict(changes)
@@ -174,7 +174,7 @@ def random_teacher(trained: Path, out: Path) -> Path:
     import torch
 
     from models.yolo import DetectionModel
-    from utils.checkpoint import load_model, make_checkpoint, save_checkpoint
+    from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint
 
     if out.is_file():
         return out
@@ -229,7 +229,7 @@ def run_identity(runner: Runner, opt: argparse.Namespace, settings: TrainSetting
                  hyp: Path, teacher: Path | None) -> dict:
     """What makes two student runs the same: the command and the bytes of its hyp file and teacher
     (plus the hyp's values, so that a method renamed or a recipe re-expressed still finds its runs)."""
-    from utils.train_setup import file_sha256
+    from utils.engine.setup import file_sha256
 
     command = runner.train_command(run_name(opt, method, seed), model_cfg(opt.student, "--student"), hyp, seed,
                                    settings, teacher)
@@ -241,8 +241,8 @@ def run_identity(runner: Runner, opt: argparse.Namespace, settings: TrainSetting
 
 def train_images(data: str | Path) -> int:
     """The number of training images of a data.yaml (what the tool's automatic settings depend on)."""
-    from utils.data_config import load_data_config
-    from utils.datasets import image_files
+    from utils.data.config import load_data_config
+    from utils.data.dataset import image_files
 
     return len(image_files(load_data_config(data)["train"]))
 
@@ -250,12 +250,12 @@ def train_images(data: str | Path) -> int:
 def resolved_hyp(hyp: dict, images: int | None = None, batch: int | None = None) -> dict:
     """``hyp`` with the tool's automatic choices written out the way a user would write them: ``nbs``
     as a number and the weight average as ``ema_epochs: 3`` or YOLO's ``ema_decay`` / ``ema_tau``
-    (utils.optim.auto_nominal_batch, utils.ema.ema_choice). Two hyp files that train alike resolve alike,
+    (utils.engine.optim.auto_nominal_batch, utils.engine.ema.ema_choice). Two hyp files that train alike resolve alike,
     so a run recorded with ``nbs: 16, ema_epochs: 3`` is the one a plain hyp file trains on BCCD."""
     import math
 
-    from utils.ema import AUTO_SMALL_EPOCHS, DEFAULT_DECAY, DEFAULT_TAU, ema_choice
-    from utils.optim import AUTO, accumulate_steps, nominal_batch
+    from utils.engine.ema import AUTO_SMALL_EPOCHS, DEFAULT_DECAY, DEFAULT_TAU, ema_choice
+    from utils.engine.optim import AUTO, accumulate_steps, nominal_batch
 
     if images is None or batch is None:
         return dict(hyp)
@@ -279,7 +279,7 @@ def hyp_values_sha256(path: str | Path, images: int | None = None, batch: int | 
     import hashlib
     import json
 
-    from utils.train_setup import load_hyp
+    from utils.engine.setup import load_hyp
 
     values = resolved_hyp(load_hyp(path), images, batch)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
@@ -296,7 +296,7 @@ def trained_command(command: str) -> list[str]:
 
 def _recorded_hyp_values(record: dict) -> str | None:
     """The values hash of a record's hyp file while that file still holds the bytes the run used."""
-    from utils.train_setup import file_sha256
+    from utils.engine.setup import file_sha256
 
     path = Path(record["hyp"]) if isinstance(record.get("hyp"), str) else None
     if path is None or not path.is_file() or file_sha256(path) != record.get("hyp_sha256"):
@@ -338,8 +338,8 @@ def student_run(runner: Runner, opt: argparse.Namespace, settings: TrainSettings
 
 def best_epoch(curve50: list[float], curve: list[float]) -> int:
     """The 0-based epoch whose weights best.pt holds: the last maximum of the engine's fitness
-    (``utils.metrics.fitness``: 0.1 mAP50 + 0.9 mAP50-95; a tie replaces best.pt)."""
-    from utils.metrics import fitness
+    (``utils.eval.metrics.fitness``: 0.1 mAP50 + 0.9 mAP50-95; a tie replaces best.pt)."""
+    from utils.eval.metrics import fitness
 
     scores = [fitness({"map50": m50, "map": m}) for m50, m in zip(curve50, curve)]
     return max(range(len(scores)), key=lambda i: (scores[i], i))

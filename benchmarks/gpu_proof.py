@@ -50,9 +50,9 @@ if __package__ in (None, ""):  # started as `python benchmarks/gpu_proof.py`: ma
 
 from benchmarks.common import ROOT, RUNS_DIR, fmt, markdown_table, model_cfg, write_results
 from benchmarks.gpu_proof_steps import PREPARE, STEP_NAMES, STEPS, Context, Step, step_file
-from utils.atomic import atomic_write_text
-from utils.errors import ArgumentParser, UserError, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.atomic import atomic_write_text
+from utils.core.errors import ArgumentParser, UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
 
 BUDGET_S = 480.0  # the whole command: 8 minutes of a 15-minute lease (the machine's start is not in it)
 DRY_BUDGET_S = 1800.0  # a dry run checks, it does not time: generous for a shared CPU (its work is ~1 CPU-minute)

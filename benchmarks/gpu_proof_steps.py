@@ -23,8 +23,8 @@ from typing import Callable
 
 from benchmarks.common import (DRY, ROOT, Runner, TrainSettings, count_images, fmt, hyp_file, machine_info,
                                markdown_table, model_cfg, read_results_csv, resolve_data, train_rate)
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 TEACHER, STUDENT = "gelan-s", "yolov9-tiny"
 SCRATCH_HYP, DISTILL_HYP = "hyp.scratch-high.yaml", "hyp.distill.yaml"
@@ -166,7 +166,7 @@ def step_prepare(ctx: Context) -> None:
     """Machine, packages and the data: BCCD via common.resolve_data, else a synthetic stand-in."""
     import yaml
 
-    from utils.data_config import load_data_config
+    from utils.data.config import load_data_config
 
     opt = ctx.opt
     result: dict = {"machine": machine_info(_gpu_or_cpu(opt)), "environment": environment()}
@@ -179,7 +179,7 @@ def step_prepare(ctx: Context) -> None:
     except UserError as exc:  # no BCCD here: speed on a stand-in of its size, no accuracy
         if opt.data or opt.dry_run:  # a --data the user gave must work
             raise
-        from utils.synthetic import generate
+        from utils.data.synthetic import generate
 
         yaml_file = generate(ctx.work / "data" / "synthetic-bccd-size", BCCD_TRAIN, BCCD_VAL, BCCD_WIDTH, SEED)
         kind, note = "synthetic (NOT BCCD)", f"BCCD not found ({exc}); speed steps ran on a synthetic set"
@@ -258,7 +258,7 @@ def step_distill_cost(ctx: Context) -> None:
     import torch
 
     from models.yolo import DetectionModel
-    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 
     opt, data = ctx.opt, ctx.previous(PREPARE)["data"]
     runner = ctx.runner("distill_cost")
@@ -372,8 +372,8 @@ def step_latency(ctx: Context) -> None:
     from benchmarks.latency import BCCD_CLASSES, STUDENTS, TEACHERS
     from export import prepare_model
     from models.yolo import DetectionModel
-    from utils.checkpoint import make_checkpoint, save_checkpoint
-    from utils.model_info import count_params, gflops
+    from utils.checkpoint.ours import make_checkpoint, save_checkpoint
+    from models.info import count_params, gflops
 
     opt = ctx.opt
     img = DRY.img if opt.dry_run else IMG
@@ -396,7 +396,7 @@ def step_latency(ctx: Context) -> None:
         record = {"model": name, "role": "teacher" if name in TEACHERS else "student",
                   "params": count_params(model), "gflops": gflops(model, img)}
         if ort_device:
-            from utils.export_onnx import export_onnx
+            from utils.export.onnx import export_onnx
 
             record["onnx"] = str(export_onnx(model, folder / f"{name}.onnx", img, dynamic=True,
                                              names=[str(i) for i in range(BCCD_CLASSES)]))
@@ -438,7 +438,7 @@ def ort_call(onnx_path: str, batch: int, img: int, device: str) -> Callable[[], 
     import numpy as np
     import onnxruntime as ort
 
-    from utils.export_onnx import PLAIN_OUTPUT
+    from utils.export.onnx import PLAIN_OUTPUT
 
     x = np.random.default_rng(SEED).random((batch, 3, img, img), dtype=np.float32)
     if device == "cpu":

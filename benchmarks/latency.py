@@ -30,10 +30,10 @@ import torch
 
 from benchmarks.common import cpu_name
 from export import prepare_model
+from models.info import count_params, gflops
 from models.yolo import DetectionModel
-from utils.checkpoint import make_checkpoint, save_checkpoint
-from utils.export_onnx import export_onnx
-from utils.model_info import count_params, gflops
+from utils.checkpoint.ours import make_checkpoint, save_checkpoint
+from utils.export.onnx import export_onnx
 
 TEACHERS = ("gelan-s", "yolov9-s")
 STUDENTS = ("yolov9-tiny", "yolov9-tiny-1.0x", "mobilenetv3-small")

@@ -7,7 +7,7 @@ Every mode ends with what a training step needs, a ``float`` batch in [0, 1] on 
 timed over ``--batches`` batches after ``--warmup`` batches (the loader restarts at each epoch end):
 
 - (a) the public code style: the main process augments one image at a time (``workers=0``, no
-  cache) with the CPU functions of ``utils/augment.py``;
+  cache) with the CPU functions of ``utils/data/augment.py``;
 - (b) ``create_dataloader`` with CPU augmentation in persistent workers and a RAM cache;
 - (c) ``create_dataloader(gpu_augment=True)`` (letterbox only, persistent workers, RAM cache) plus
   ``GPUAugment`` on the device;
@@ -37,12 +37,12 @@ import torch
 import yaml
 
 from benchmarks.common import bccd_data
-from utils.data_config import load_data_config
-from utils.datasets import create_dataloader
-from utils.device import select_device
-from utils.errors import UserError, cli_main
-from utils.gpu_augment import GPUAugment
-from utils.log import LOGGER, setup_logging
+from utils.core.device import select_device
+from utils.core.errors import UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
+from utils.data.config import load_data_config
+from utils.data.dataset import create_dataloader
+from utils.data.gpu_augment import GPUAugment
 
 ROOT = Path(__file__).resolve().parents[1]
 BCCD_ROOT = ROOT / "data" / "bccd"  # bundled in the repository

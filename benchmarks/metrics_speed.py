@@ -1,4 +1,4 @@
-"""Time our mAP (utils.metrics) against faster-coco-eval and pycocotools on the same predictions.
+"""Time our mAP (utils.eval.metrics) against faster-coco-eval and pycocotools on the same predictions.
 
 Predictions come from a model (``--weights``, run over the split's images) or, by default, from the
 ground truth: every box jittered with noise, some classes flipped, duplicates and random false
@@ -87,11 +87,11 @@ def jittered_predictions(shapes, labels, max_det: int, seed: int) -> list[torch.
 
 def model_predictions(weights: str, paths, img_size: int, max_det: int) -> list[torch.Tensor]:
     """Run ``weights`` over the images (letterbox, NMS at the validation thresholds), original pixels."""
-    from utils.augment import letterbox
-    from utils.backends import load_backend
-    from utils.boxes import scale_boxes
-    from utils.nms import non_max_suppression
-    from utils.sources import read_image
+    from utils.data.augment import letterbox
+    from utils.export.backends import load_backend
+    from utils.ops.boxes import scale_boxes
+    from utils.ops.nms import non_max_suppression
+    from utils.data.sources import read_image
 
     backend = load_backend(weights, "")
     out = []
@@ -117,7 +117,7 @@ def time_best(fn, repeat: int) -> tuple[float, dict]:
 
 
 def ours(dets, labels) -> dict:
-    from utils.metrics import DetectionStats
+    from utils.eval.metrics import DetectionStats
 
     stats = DetectionStats(len(BCCD_CLASSES))
     for start in range(0, len(dets), EVAL_BATCH):
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = parse_args(argv)
     if str(ROOT) not in sys.path:  # run as a script from anywhere: the project's packages first
         sys.path.insert(0, str(ROOT))
-    from utils.coco_eval import CocoJsonWriter, coco_evaluate
+    from utils.eval.coco import CocoJsonWriter, coco_evaluate
 
     torch.set_num_threads(opt.threads)
     paths, shapes, labels = read_voc_split(Path(opt.root), opt.split)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         writer.add(path, shape, lab, det)
     gt, preds = writer.ground_truth(), writer.predictions
 
-    rows = [("ours (utils.metrics)", *time_best(lambda: ours(dets, labels), opt.repeat))]
+    rows = [("ours (utils.eval.metrics)", *time_best(lambda: ours(dets, labels), opt.repeat))]
     for name in ("faster-coco-eval", "pycocotools"):
         try:
             rows.append((name, *time_best(lambda n=name: coco_evaluate(gt, preds, opt.max_det, evaluator=n),

@@ -1,7 +1,7 @@
 """Parameters and GFLOPs (640 px) of every model yaml, at 80 classes and at 3 (BCCD).
 
     python -m benchmarks.model_sizes [--img 640] [--nc 80 3]
-Counts follow the official YOLOv9 rules (utils/model_info.py): all parameters (the fixed DFL
+Counts follow the official YOLOv9 rules (models/info.py): all parameters (the fixed DFL
 weights included), GFLOPs of the unfused model.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from models.info import count_params, gflops
 from models.yolo import DetectionModel
-from utils.model_info import count_params, gflops
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("gelan-s", "gelan-t", "yolov9-s", "yolov9-tiny", "yolov9-tiny-1.0x", "mobilenetv3-small",

@@ -28,8 +28,8 @@ import torch
 
 from benchmarks.latency import machine_info, machine_line, time_onnxruntime
 from export import prepare_model
-from utils.export_onnx import export_onnx
-from utils.model_info import count_params, gflops
+from models.info import count_params, gflops
+from utils.export.onnx import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 BCCD = ROOT / "data" / "bccd"  # bundled in the repository

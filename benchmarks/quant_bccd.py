@@ -31,8 +31,8 @@ import numpy as np
 
 from benchmarks.common import RUNS_DIR, bccd_data, command_line, machine_info, markdown_table, report_header, \
     write_results
-from utils.errors import ArgumentParser, UserError, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.errors import ArgumentParser, UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quant_bccd"
@@ -100,8 +100,8 @@ def interleaved_latency(paths: dict[str, Path], img: int, rounds: int) -> dict[s
 
 def run_checkpoint(weights: Path, opt: argparse.Namespace, data: str) -> dict:
     """All variants of one checkpoint: metrics, sizes, latency."""
-    from utils.checkpoint import load_model
-    from utils.model_info import count_params
+    from utils.checkpoint.ours import load_model
+    from models.info import count_params
 
     folder = Path(opt.work) / weights.parent.parent.name / weights.stem if weights.parent.name == "weights" \
         else Path(opt.work) / weights.stem

@@ -31,10 +31,10 @@ if __package__ in (None, ""):  # started as `python benchmarks/teacher_speed.py`
 import torch
 
 from benchmarks.common import command_line, fmt, machine_info, markdown_table, report_header, write_results
-from utils.checkpoint import load_model
-from utils.errors import UserError, cli_main
-from utils.log import LOGGER, setup_logging
-from utils.train_setup import load_teacher
+from utils.checkpoint.ours import load_model
+from utils.core.errors import UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
+from utils.engine.setup import load_teacher
 
 MS = 1e3
 FP32 = "folded, channels-last (train_distill.py, fp32)"
@@ -107,9 +107,9 @@ def measure(opt: argparse.Namespace) -> dict:
 
 def score(model: torch.nn.Module, data_yaml: str, img: int) -> dict[str, float]:
     """``{'val_map': .., 'test_map': ..}``: mAP50-95 of ``model`` (in its own dtype) on the data's splits."""
-    from utils.data_config import load_data_config
-    from utils.datasets import create_dataloader
-    from utils.evaluate import evaluate
+    from utils.data.config import load_data_config
+    from utils.data.dataset import create_dataloader
+    from utils.eval.evaluator import evaluate
 
     data = load_data_config(data_yaml)
     out = {}

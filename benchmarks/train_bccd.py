@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # started as `python benchmarks/train_bccd.py`: m
 from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, fmt,
                                fmt_spread, hyp_file, machine_info, markdown_table, model_cfg, report_header,
                                resolve_data, results_path, training_parser, write_results)
-from utils.errors import cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.errors import cli_main
+from utils.core.log import LOGGER, setup_logging
 
 DEFAULT_MODELS = ("gelan-s", "gelan-t")
 EPOCHS = 100
@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_and_score(runner: Runner, model: str, seed: int, hyp: Path, settings: TrainSettings) -> dict:
     """One model and seed: train, count parameters, validate on val and test; returns the row dict."""
-    from utils.checkpoint import load_model
-    from utils.model_info import count_params
+    from utils.checkpoint.ours import load_model
+    from models.info import count_params
 
     run = runner.train(f"{Path(model).stem}-seed{seed}", model_cfg(model), hyp, seed, settings)
     val = runner.validate(run["best"], settings, "val", Path(run["dir"]))

@@ -35,8 +35,8 @@ import torch
 from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line,
                                count_images, fmt, hyp_file, machine_info, markdown_table, model_cfg, read_results_csv,
                                report_header, resolve_data, results_path, train_rate, training_parser, write_results)
-from utils.errors import UserError, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.errors import UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
 
 EPOCHS = 20
 MODES = {"cpu": "train.py, CPU augmentation in the loader workers", "gpu": "train.py --gpu-augment"}
@@ -77,12 +77,12 @@ def random_batch(batch: int, img: int, nc: int, device: torch.device, seed: int)
 def gpu_only_rate(cfg: Path, hyp_path: Path, nc: int, opt: argparse.Namespace) -> dict:
     """(b): images/s of the engine's training step on one fixed random batch, no data loading."""
     from models.yolo import DetectionModel
-    from utils.device import select_device
-    from utils.ema import ModelEMA
-    from utils.engine import GRAD_CLIP_NORM
+    from utils.core.device import select_device
+    from utils.engine.ema import ModelEMA
+    from utils.engine.trainer import GRAD_CLIP_NORM
     from utils.loss import DetectionLoss
-    from utils.optim import accumulate_steps, build_optimizer, nominal_batch, scaled_weight_decay
-    from utils.train_setup import load_hyp, resolve_amp
+    from utils.engine.optim import accumulate_steps, build_optimizer, nominal_batch, scaled_weight_decay
+    from utils.engine.setup import load_hyp, resolve_amp
 
     device = select_device(opt.device)
     torch.manual_seed(opt.seed)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         opt.steps, opt.warmup = min(opt.steps, DRY_STEPS), min(opt.warmup, DRY_WARMUP)
     cfg, hyp = model_cfg(opt.model, "--model"), hyp_file(opt.hyp)
     data = resolve_data(opt)
-    from utils.data_config import load_data_config
+    from utils.data.config import load_data_config
 
     config = load_data_config(data)
     extra = ["--channels-last"] if opt.channels_last else []

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.common import Conv
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 SHUFFLE_WIDTH_DIVISOR = 4  # ShuffleNetV2 widths (58, 116, 232, 464) are multiples of 4
 MOBILE_WIDTH_DIVISOR = 8  # MobileNetV3 rounds every width to a multiple of 8

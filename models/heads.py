@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from models.anchors import dist2bbox, make_anchors
 from models.common import Conv, make_divisible
-from utils.boxes import dist2bbox, make_anchors
 
 REG_MAX = 16  # DFL bins per box side
 BOX_GROUPS = 4  # the box branch's second conv and output conv are grouped per box side
@@ -67,13 +67,12 @@ class DDetect(nn.Module):
         nc: number of classes.
         ch: input channels of every branch input, branch after branch (``num_branches * nl``
             entries); the last ``nl`` inputs form the main branch.
-        inplace: kept for checkpoint compatibility (unused).
     """
 
     num_branches = 1
     export = False  # eval forward returns only the main branch's decoded predictions
 
-    def __init__(self, nc: int = 80, ch: Sequence[int] = (), inplace: bool = True):
+    def __init__(self, nc: int = 80, ch: Sequence[int] = ()):
         super().__init__()
         ch = tuple(ch)
         if not ch or len(ch) % self.num_branches:
@@ -83,7 +82,6 @@ class DDetect(nn.Module):
         self.nl = len(ch) // self.num_branches
         self.reg_max = REG_MAX
         self.no = nc + 4 * REG_MAX
-        self.inplace = inplace
         self.stride = torch.zeros(self.nl)  # set by the model once it has probed the strides
         for branch in range(self.num_branches):
             box_name, cls_name, _ = _branch_names(branch)

@@ -4,7 +4,7 @@ A model yaml has ``nc``, ``depth_multiple``, ``width_multiple``, optional ``name
 ``distill_layers``, and two lists of rows ``[from, number, module, args]`` (``backbone`` then
 ``head``) that are numbered together; the last row must be a detection head. See
 docs/internals.md for the channel protocol. An optional ``backbone_weights`` key is read by
-training only (``utils.backbone_weights``), never when a model is built or rebuilt from a checkpoint.
+training only (``utils.checkpoint.backbone``), never when a model is built or rebuilt from a checkpoint.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from torch import nn
 from models import backbones, common, heads
 from models.common import CHANNEL_DIVISOR, Conv, RepConvN, make_divisible
 from models.heads import DDetect, branch_maps
-from utils.errors import UserError
-from utils.log import LOGGER
-from utils.model_info import log_model_info
+from models.info import log_model_info
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 DETECT_DIR = Path(__file__).resolve().parent / "detect"
 STRIDE_PROBE_SIZE = 256  # square zero image used to measure the head strides (train mode)
@@ -204,7 +204,6 @@ class DetectionModel(nn.Module):
             raise UserError(f"{source}: the last layer must be a detection head (DDetect or DualDDetect).")
         self.nc = self.yaml["nc"]
         self.names = _class_names(self.yaml, self.nc)
-        self.inplace = self.yaml.get("inplace", True)
         self._inputs = [_absolute_inputs(m.i, m.f) for m in self.model]
         self.distill_layers = self._distill_layers(source)
 

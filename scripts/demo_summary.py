@@ -16,9 +16,9 @@ from pathlib import Path
 
 from benchmarks.common import epoch_seconds, mean_spread
 from benchmarks.latency import time_onnxruntime
-from utils.checkpoint import load_checkpoint, load_model
-from utils.errors import ArgumentParser, UserError, cli_main
-from utils.model_info import count_params, gflops
+from models.info import count_params, gflops
+from utils.checkpoint.ours import load_checkpoint, load_model
+from utils.core.errors import ArgumentParser, UserError, cli_main
 
 RUNS = (("teacher", "teacher ({})"), ("student-scratch", "student ({}), scratch"),
         ("student-distill", "student ({}), distilled"))  # {}: the model yaml's name, from the checkpoint

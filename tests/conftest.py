@@ -15,7 +15,7 @@ BCCD = ROOT / "data" / "bccd"  # bundled in the repository (data/bccd/SOURCE.md)
 
 torch.set_num_threads(1)
 
-from utils.log import LOGGER  # noqa: E402  (after the root is on sys.path)
+from utils.core.log import LOGGER  # noqa: E402  (after the root is on sys.path)
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +50,6 @@ def log_lines():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> str:
     """A generated 8-image training set (96 px, 7 classes) for end-to-end runs of the engine."""
-    from utils.synthetic import generate
+    from utils.data.synthetic import generate
 
     return str(generate(tmp_path_factory.mktemp("syn"), n_train=8, n_val=4, img_size=96, seed=0))

@@ -28,7 +28,7 @@ def randomize_bn(model: nn.Module) -> None:
 def interrupt_after_epoch(monkeypatch, last_epoch: int) -> None:
     """Make the Trainer stop with KeyboardInterrupt after ``last_epoch`` (0-based) has been validated and
     saved, as a killed run would: last.pt holds that epoch. ``monkeypatch.undo()`` restores it."""
-    from utils.engine import Trainer
+    from utils.engine.trainer import Trainer
 
     original = Trainer.after_epoch
 

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from utils.assigner import TaskAlignedAssigner
-from utils.boxes import bbox_iou, make_anchors
+from models.anchors import make_anchors
+from utils.ops.assigner import TaskAlignedAssigner
+from utils.ops.boxes import bbox_iou
 
 STRIDE = 8
 GRID = 4

@@ -1,4 +1,4 @@
-"""Atomic writes (utils/atomic.py) and the files that rely on them: a failed write keeps the old file."""
+"""Atomic writes (utils/core/atomic.py) and the files that rely on them: a failed write keeps the old file."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from utils import atomic
-from utils.atomic import atomic_write, atomic_write_text, swap_in_folder
-from utils.run_logger import RunLogger
+from utils.core import atomic
+from utils.core.atomic import atomic_write, atomic_write_text, swap_in_folder
+from utils.engine.run_logger import RunLogger
 
 
 def _half_then_fail(failure: BaseException):

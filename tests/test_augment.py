@@ -8,7 +8,7 @@ be tight around them (IoU with their bounding box > 0.9 when there is no rotatio
 import numpy as np
 import pytest
 
-from utils import augment as aug
+from utils.data import augment as aug
 
 COLORS = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
                    (0, 255, 255), (255, 255, 255), (128, 0, 255)], dtype=np.uint8)

@@ -21,17 +21,17 @@ from torch import nn
 
 import train
 from models.yolo import DetectionModel
-from utils.backbone_weights import (
+from utils.checkpoint.backbone import (
     IMAGENET,
     VARIANTS,
     backbone_key_map,
     cached_weights_path,
     load_backbone_weights,
 )
-from utils.errors import UserError
-from utils.synthetic import generate
-from utils.train_args import build_parser
-from utils.train_setup import build_model
+from utils.core.errors import UserError
+from utils.data.synthetic import generate
+from utils.engine.args import build_parser
+from utils.engine.setup import build_model
 
 from tests.helpers import randomize_bn
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from benchmarks import common, distill_gain, train_bccd, train_speed
-from utils.train_setup import file_sha256
+from utils.engine.setup import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,7 +228,7 @@ def test_random_teacher_file_is_the_same_in_every_session(tmp_path):
     """Its hash is part of the control run's identity: a clock in the bytes would rerun it every session."""
     import torch
 
-    from utils.checkpoint import load_model
+    from utils.checkpoint.ours import load_model
 
     trained = Path(__file__).resolve().parents[1] / "weights" / "gelan-t-bccd256.pt"
     first = distill_gain.random_teacher(trained, tmp_path / "a" / "random-teacher.pt")
@@ -242,8 +242,8 @@ def test_random_teacher_file_is_the_same_in_every_session(tmp_path):
 
 
 def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
-    from utils.engine import Trainer
-    from utils.synthetic import generate
+    from utils.engine.trainer import Trainer
+    from utils.data.synthetic import generate
 
     data = generate(tmp_path / "syn", n_train=8, n_val=4, img_size=64, seed=0)
     settings = common.TrainSettings(data=data, epochs=2, batch=4, img=64, device="cpu", workers=0, cache="off",
@@ -371,7 +371,7 @@ def test_distill_gain_dry_run(tmp_path, capsys, monkeypatch):
 
 
 def test_bccd_is_converted_once_into_the_cache(bccd_root, tmp_path):
-    from utils.data_config import load_data_config
+    from utils.data.config import load_data_config
 
     yaml_file = common.bccd_data(str(bccd_root), tmp_path)
     config = load_data_config(yaml_file)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from models.yolo import DetectionModel
-from utils.checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, load_model, make_checkpoint, save_checkpoint,
-                              strip_checkpoint)
-from utils.errors import UserError
+from utils.checkpoint.ours import (CHECKPOINT_FORMAT, load_checkpoint, load_model, make_checkpoint, save_checkpoint,
+                                   strip_checkpoint)
+from utils.core.errors import UserError
 
 NC = 3
 NAMES = ["cell", "platelet", "rbc"]

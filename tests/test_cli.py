@@ -21,14 +21,14 @@ import train
 import train_distill
 import val
 from models.yolo import DetectionModel
-from utils.checkpoint import make_checkpoint, save_checkpoint
-from utils.data_config import _find_yaml, _parse_names, load_data_config
-from utils.device import dist_info
-from utils.errors import UserError
-from utils.export_onnx import read_metadata
-from utils.sources import resolve_source
-from utils.train_args import apply_local_rank, build_parser
-from utils.train_setup import load_hyp
+from utils.checkpoint.ours import make_checkpoint, save_checkpoint
+from utils.core.device import dist_info
+from utils.core.errors import UserError
+from utils.data.config import _find_yaml, _parse_names, load_data_config
+from utils.data.sources import resolve_source
+from utils.engine.args import apply_local_rank, build_parser
+from utils.engine.setup import load_hyp
+from utils.export.onnx import read_metadata
 
 from tests.helpers import train_argv
 
@@ -128,6 +128,21 @@ def test_hyp_name_is_looked_up_in_hyp(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     line = _one_line(capsys)
     assert "--hyp" in line and "hyp.nope.yaml" in line and str(hyp_dir) in line
+
+
+def test_yolov9_hyp_keys_of_anchor_based_heads_are_accepted(tmp_path):
+    """obj, obj_pw, iou_t and anchor_t mean nothing to the anchor-free head, but a YOLOv9 user's hyp file
+    has them: they load, and neither the loss nor the distillation settings refuse them."""
+    from utils.distill import DistillConfig
+    from utils.loss import DetectionLoss
+
+    yolov9_only = {"obj": 0.7, "obj_pw": 1.0, "iou_t": 0.2, "anchor_t": 5.0}
+    hyp_file = tmp_path / "hyp.yolov9.yaml"
+    hyp_file.write_text(yaml.safe_dump({**load_hyp(ROOT / "hyp" / "hyp.distill.yaml"), **yolov9_only}))
+    hyp = load_hyp(hyp_file)
+    assert {key: hyp[key] for key in yolov9_only} == yolov9_only
+    DistillConfig.from_hyp(hyp)
+    DetectionLoss(DetectionModel("gelan-t.yaml", nc=2), hyp)
 
 
 # ------------------------------------------------------------------------------------------ --cache

@@ -8,9 +8,9 @@ import pytest
 
 from export_fixtures import BCCD, BCCD_BOXES, BCCD_SPLITS
 from utils.convert import convert_coco, convert_voc, main
-from utils.data_config import load_data_config
-from utils.datasets import create_dataloader
-from utils.log import LOGGER
+from utils.core.log import LOGGER
+from utils.data.config import load_data_config
+from utils.data.dataset import create_dataloader
 
 
 

@@ -20,10 +20,10 @@ from export_fixtures import (BCCD, BCCD_BOXES, BCCD_DEGENERATE, BCCD_IMAGES, BCC
                              make_roboflow_voc, make_roboflow_yolo, original_stem, read_bccd)
 from utils.convert import convert_coco_export, convert_voc, main
 from utils.convert.writer import assign_splits, random_split
-from utils.data_config import load_data_config
-from utils.datasets import create_dataloader
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
+from utils.data.config import load_data_config
+from utils.data.dataset import create_dataloader
 
 SORTED_NAMES = ["Platelets", "RBC", "WBC"]  # no classes.txt in an export: the names found, sorted
 VAL, TEST, SEED = 0.2, 0.1, 0
@@ -78,7 +78,7 @@ def test_vocdevkit_with_two_years_merges_their_splits(work, bccd, reference):
     splits = assert_bccd(result, work / "devkit-out", reference, SORTED_NAMES)
     assert splits == {s: set(stems) for s, stems in published.items()}
     assert any("layout 'devkit'" in n and "VOC2007" in n and "VOC2012" in n for n in result.notes)
-    # Run on a year folder itself: the old single-year form.
+    # Run on a year folder itself (VOC2012 without its VOCdevkit parent): the single-year form.
     single = convert_voc(devkit / "VOC2012", work / "voc2012-out")
     assert single.images == {"train": 102, "val": 43}  # the odd-numbered half of train and val
 

@@ -14,9 +14,9 @@ import yaml
 from export_fixtures import BCCD, BCCD_SPLITS
 from utils.convert import main
 from utils.convert.prepare import MARKER
-from utils.data_config import load_data_config
-from utils.errors import UserError
-from utils.label_check import list_image_files
+from utils.core.errors import UserError
+from utils.data.config import load_data_config
+from utils.data.labels import list_image_files
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["BloodImage_00000", "BloodImage_00001", "BloodImage_00002", "BloodImage_00003"]

@@ -9,11 +9,12 @@ import pytest
 import torch
 import yaml
 
-from utils import atomic, label_check, synthetic
-from utils.boxes import scale_boxes, xywhn2xyxy
-from utils.data_config import load_data_config
-from utils.datasets import close_mosaic, create_dataloader
-from utils.errors import UserError
+from utils.core import atomic
+from utils.core.errors import UserError
+from utils.data import labels, synthetic
+from utils.data.config import load_data_config
+from utils.data.dataset import close_mosaic, create_dataloader
+from utils.ops.boxes import scale_boxes, xywhn2xyxy
 
 ROOT = Path(__file__).resolve().parents[1]
 RGB = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)], np.uint8)
@@ -268,8 +269,8 @@ def test_label_cache_reused_and_invalidated(tmp_path, log_lines):
 
 def test_unwritable_cache_folder_only_warns(tmp_path, log_lines, monkeypatch):
     src = painted_set(tmp_path)
-    labels = label_check.img2label_path(str(src / "im0.png"))
-    cache = label_check.cache_path_for([labels])
+    label_file = labels.img2label_path(str(src / "im0.png"))
+    cache = labels.cache_path_for([label_file])
     # A folder where the temporary cache file would go makes the write fail, even for root.
     blocker = cache.parent / f".{cache.name}.blocked.tmp"
     blocker.mkdir()
@@ -280,9 +281,9 @@ def test_unwritable_cache_folder_only_warns(tmp_path, log_lines, monkeypatch):
 
 
 def test_img2label_path_rule():
-    assert label_check.img2label_path("/d/images/train/images/a.jpg") == "/d/images/train/labels/a.txt"
-    assert label_check.img2label_path("/d/images/train/a.b.png") == "/d/labels/train/a.b.txt"
-    assert label_check.img2label_path("/d/pics/a.jpg") == "/d/pics/a.txt"
+    assert labels.img2label_path("/d/images/train/images/a.jpg") == "/d/images/train/labels/a.txt"
+    assert labels.img2label_path("/d/images/train/a.b.png") == "/d/labels/train/a.b.txt"
+    assert labels.img2label_path("/d/pics/a.jpg") == "/d/pics/a.txt"
 
 
 # ---------------------------------------------------------------- loader

@@ -9,8 +9,8 @@ import pytest
 
 from models.yolo import DetectionModel
 from scripts import demo_summary
-from utils.checkpoint import make_checkpoint, save_checkpoint
-from utils.errors import UserError
+from utils.checkpoint.ours import make_checkpoint, save_checkpoint
+from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_a_missing_step_is_named(tmp_path):
 def test_training_time_sums_each_students_epochs(tmp_path):
     for run, seconds in (("student-distill", (9.0, 8.5)), ("student-scratch", (7.0, 6.5))):
         (tmp_path / run).mkdir()
-        # as utils/run_logger.py writes it: a header row, one row per epoch, the epoch's seconds in time/epoch_s
+        # as utils/engine/run_logger.py writes it: a header row, one row per epoch, the epoch's seconds in time/epoch_s
         rows = [f"{e},1.5,{t}" for e, t in enumerate(seconds)]
         (tmp_path / run / "results.csv").write_text("epoch,train/box_loss,time/epoch_s\n" + "\n".join(rows) + "\n")
     assert demo_summary.training_time_line(tmp_path) == ("Training time (the epochs in results.csv): distilled 18 s, "

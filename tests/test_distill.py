@@ -10,13 +10,13 @@ import pytest
 import torch
 import yaml
 
+from utils.core.errors import UserError
 from utils.distill import ITEM_KEYS, DistillConfig, DistillationLoss, DistillStudent, FeatureAdapter
 from utils.distill.loss import flatten_maps
 from utils.distill.schedule import (backbone_end, distill_weight_at, resolve_stop_epoch,
                                     set_backbone_trainable)
 from utils.distill.terms import (FEATURE_LOSSES, AttentionTransferLoss, CWDLoss, MGDLoss, PKDLoss, binary_kd,
                                  dfl_kd, softmax_kd)
-from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 HYP = ROOT / "hyp" / "hyp.distill.yaml"
@@ -112,7 +112,7 @@ def test_pkd_standardises_per_channel_over_the_whole_batch():
     scale, shift = torch.rand(1, 4, 1, 1) + 0.5, torch.randn(1, 4, 1, 1)
     assert term(teacher * scale + shift, teacher) < 1e-5  # one scale/shift per channel: no loss
     per_image_shift = torch.randn(3, 1, 1, 1) * 3
-    # a per-image shift changes the per-channel statistics over N*H*W (the old per-image form ignored it)
+    # a per-image shift changes the per-channel statistics over N*H*W (statistics per image would not see it)
     assert term(teacher + per_image_shift, teacher) > 0.05
 
 
@@ -606,7 +606,7 @@ CPU implementer\t: 0x41
 @pytest.mark.parametrize("text, native", [(CPUINFO_SAPPHIRE_RAPIDS, True), (CPUINFO_EPYC_MILAN, False),
                                           (CPUINFO_ARM, False)])
 def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, text, native):
-    from utils.train_setup import cpu_has_native_bf16
+    from utils.engine.setup import cpu_has_native_bf16
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(text)
@@ -615,14 +615,14 @@ def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, text, native):
 
 
 def test_teacher_dtype_auto_and_explicit(monkeypatch):
-    from utils import train_setup
-    from utils.train_setup import resolve_teacher_dtype
+    from utils.engine import setup as train_setup
+    from utils.engine.setup import resolve_teacher_dtype
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(train_setup, "cpu_has_native_bf16", lambda native=native: native)
         assert resolve_teacher_dtype("auto", cpu) == expected
-        assert resolve_teacher_dtype("auto", cuda) == torch.float16  # as before the key existed
+        assert resolve_teacher_dtype("auto", cuda) == torch.float16  # CUDA: fp16 whatever the CPU
         assert resolve_teacher_dtype("fp32", cpu) == torch.float32 and resolve_teacher_dtype("bf16", cpu) == torch.bfloat16
     assert resolve_teacher_dtype("fp16", cuda) == torch.float16
     with pytest.raises(UserError, match="fp16"):

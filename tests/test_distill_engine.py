@@ -10,9 +10,9 @@ import torch
 
 import train
 import train_distill
-from utils.checkpoint import load_checkpoint
-from utils.engine import Trainer
-from utils.train_args import build_parser
+from utils.checkpoint.ours import load_checkpoint
+from utils.engine.args import build_parser
+from utils.engine.trainer import Trainer
 
 from tests.helpers import HYP_DISTILL, interrupt_after_epoch
 from tests.helpers import results_rows as _rows
@@ -117,7 +117,7 @@ def test_the_teacher_keeps_its_dtype_under_the_students_autocast(tiny_data, teac
         seen.append(out[0].dtype if isinstance(out, list) else out[1][0].dtype)
         return out, feats
 
-    monkeypatch.setattr("utils.engine.resolve_amp", lambda flag, device: torch.bfloat16)
+    monkeypatch.setattr("utils.engine.trainer.resolve_amp", lambda flag, device: torch.bfloat16)
     monkeypatch.setattr(Trainer, "_teacher_forward", recording)
     hyp = _hyp(tmp_path, teacher_dtype, f"distill_teacher_dtype: {teacher_dtype}\n")
     train_distill.main(_args(tiny_data, tmp_path, teacher_dtype, 1, ("--teacher", teacher, "--hyp", hyp)))

@@ -30,7 +30,7 @@ from unittest import mock
 import pytest
 import yaml
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -285,7 +285,7 @@ def writes(module_name: str, opt: argparse.Namespace) -> Written:
     elif module_name == "export":
         out.files |= export_files(opt)
     elif module_name == "prune":
-        from utils.prune import default_output
+        from utils.export.prune import default_output
 
         out.files.add(rel(opt.out) if opt.out else rel(default_output(opt.weights, opt.ratio)))
     elif module_name.startswith("utils.convert"):
@@ -298,7 +298,7 @@ def writes(module_name: str, opt: argparse.Namespace) -> Written:
             out.trees.add(converted_root(ROOT / opt.data))
     elif module_name.startswith("utils.checkpoint") and getattr(opt, "dst", None):
         out.files.add(rel(opt.dst))
-    elif module_name.startswith("utils.synthetic") and getattr(opt, "out", None):
+    elif module_name.startswith("utils.data.synthetic") and getattr(opt, "out", None):
         out.trees.add(rel(opt.out))
     else:
         for flag in ("out", "work", "save_dir"):

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 import export
-from utils import export_trt
 from models.heads import main_output
 from models.yolo import DetectionModel
-from utils.augment import letterbox
-from utils.backends import load_backend
-from utils.checkpoint import load_model, make_checkpoint, save_checkpoint
-from utils.export_onnx import TRT_OUTPUTS, EndToEnd, export_onnx, read_metadata
-from utils.nms import non_max_suppression
+from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint
+from utils.data.augment import letterbox
+from utils.export import trt as export_trt
+from utils.export.backends import load_backend
+from utils.export.onnx import TRT_OUTPUTS, EndToEnd, export_onnx, read_metadata
+from utils.ops.nms import non_max_suppression
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -116,7 +116,7 @@ def _random_predictions(batch: int, anchors: int, size: float = 160.0) -> torch.
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_end2end_ort_nms_matches_our_nms(tmp_path):
     """The NMS part of the 'ort' graph alone (an identity model, so both NMS see the same
-    predictions): same boxes, scores, classes and order as utils.nms, at most MAX_DET per image."""
+    predictions): same boxes, scores, classes and order as utils.ops.nms, at most MAX_DET per image."""
     wrapper = EndToEnd(nn.Identity(), "ort", MAX_DET, IOU, CONF).eval()
     preds = _random_predictions(2, 400)
     path = tmp_path / "nms.onnx"
@@ -246,7 +246,7 @@ def test_cli_errors_exit_2(weights, tmp_path, capsys):
 
 
 def test_static_onnx_backend_matches_pt(weights, tmp_path):
-    """utils.backends on a static batch-1 export: a batch of 3 is split (and padded) by the back-end
+    """utils.export.backends on a static batch-1 export: a batch of 3 is split (and padded) by the back-end
     and gives the .pt back-end's predictions."""
     pt = weights["yolov9-tiny-1.0x"]
     onnx_path = export_onnx(export.prepare_model(pt, torch.device("cpu")), tmp_path / "static.onnx", 64, names=NAMES)
@@ -266,7 +266,7 @@ def test_val_and_detect_give_the_same_results_for_onnx_and_pt(weights, tmp_path)
     equal x.pt: mAP within 0.001 and the same detections on a tiny synthetic set."""
     import detect_dual
     import val
-    from utils.synthetic import CLASS_NAMES, generate
+    from utils.data.synthetic import CLASS_NAMES, generate
 
     size = 128
     data = generate(tmp_path / "synthetic", n_train=0, n_val=4, img_size=size)

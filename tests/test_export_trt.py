@@ -26,13 +26,13 @@ from onnx import TensorProto, helper, numpy_helper
 import export
 from models.yolo import DetectionModel
 from tests.trt_standins import make_tensorrt
-from utils import export_trt
-from utils.backends import OnnxBackend, TensorRTBackend
-from utils.errors import UserError, cli_main
-from utils.export_onnx import export_onnx
-from utils.export_trt import (build_engine, check_engine_precision, conv_layer_precisions, layer_info_path,
+from utils.core.errors import UserError, cli_main
+from utils.export import trt as export_trt
+from utils.export.backends import OnnxBackend, TensorRTBackend
+from utils.export.onnx import export_onnx
+from utils.export.trt import (build_engine, check_engine_precision, conv_layer_precisions, layer_info_path,
                               trtexec_command)
-from utils.trt_runtime import cuda_object, load_tensorrt
+from utils.export.trt_runtime import cuda_object, load_tensorrt
 
 NAMES = ["RBC", "WBC", "Platelets"]
 REMOVED_TRTEXEC_FLAGS_11 = ("--fp16", "--int8", "--bf16", "--fp8", "--int4", "--best", "--calib")
@@ -229,7 +229,7 @@ def test_export_prints_typed_trtexec_lines(plain_onnx, tmp_path, monkeypatch, ca
     monkeypatch.setattr(export_trt, "tensorrt_available", lambda: False)
     model = DetectionModel("yolov9-tiny", nc=len(NAMES))
     model.names = list(NAMES)
-    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 
     weights = tmp_path / "w.pt"
     save_checkpoint(make_checkpoint(model, half=False), weights)
@@ -273,7 +273,7 @@ def bindings_without_libraries(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory) -> Path:
-    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 
     model = DetectionModel("yolov9-tiny", nc=len(NAMES))
     model.names = list(NAMES)

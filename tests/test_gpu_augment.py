@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils.augment import augment_hsv
-from utils.errors import UserError
-from utils.gpu_augment import AugmentParams, GPUAugment, perspective_matrix
+from utils.core.errors import UserError
+from utils.data.augment import augment_hsv
+from utils.data.gpu_augment import AugmentParams, GPUAugment, perspective_matrix
 
 SIZE = 128
 GREY = (114, 114, 114)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.loss import DEFAULT_HYP, BranchTargets, DetectionLoss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,7 +285,7 @@ def recalibrate_batchnorm(model: nn.Module, imgs: torch.Tensor) -> None:
 def test_overfitting_two_images_finds_the_boxes():
     yolo = pytest.importorskip("models.yolo")
     heads = pytest.importorskip("models.heads")
-    from utils.boxes import box_iou, xywh2xyxy
+    from utils.ops.boxes import box_iou, xywh2xyxy
 
     model = yolo.DetectionModel(ROOT / "models/detect/yolov9-tiny.yaml", nc=len(CLASS_COLOURS))
     imgs, targets = rectangles_batch()

@@ -1,11 +1,11 @@
-"""utils/metrics.py and utils/coco_eval.py: AP on known cases, COCO agreement, confusion matrix, plots."""
+"""utils/eval/metrics.py and utils/eval/coco.py: AP on known cases, COCO agreement, confusion matrix, plots."""
 
 import numpy as np
 import pytest
 import torch
 
-from utils.coco_eval import CocoJsonWriter, coco80_to_coco91, coco_evaluate
-from utils.metrics import ConfusionMatrix, DetectionStats, fitness, match_predictions
+from utils.eval.coco import CocoJsonWriter, coco80_to_coco91, coco_evaluate
+from utils.eval.metrics import ConfusionMatrix, DetectionStats, fitness, match_predictions
 
 GT = torch.tensor([[0, 10.0, 10.0, 110.0, 110.0], [1, 200.0, 50.0, 260.0, 150.0]])  # cls, xyxy
 
@@ -149,7 +149,7 @@ def test_fitness():
 
 
 def test_plots_write_files(tmp_path):
-    from utils.plots import plot_images, plot_labels, plot_results
+    from utils.eval.plots import plot_images, plot_labels, plot_results
 
     dets, labels = random_set(2, images=4)
     stats = DetectionStats(3)

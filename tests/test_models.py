@@ -12,10 +12,10 @@ from torch import nn
 
 from models.common import RepConvN, RepNCSPELAN4, autopad, make_divisible
 from models.heads import DFL, REG_MAX, DDetect, DualDDetect, branch_maps, main_output
+from models.info import count_params, gflops
 from models.yolo import DetectionModel, load_model_yaml, parse_model, reparameterize, single_branch_yaml
-from utils.errors import UserError
-from utils.log import LOGGER
-from utils.model_info import count_params, gflops
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 from tests.helpers import randomize_bn
 
 ROOT = Path(__file__).resolve().parents[1]

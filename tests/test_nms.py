@@ -1,11 +1,11 @@
-"""utils/nms.py: equal to torchvision's NMS, thresholds, multi-label, class filter, max_det."""
+"""utils/ops/nms.py: equal to torchvision's NMS, thresholds, multi-label, class filter, max_det."""
 
 import pytest
 import torch
 from torchvision.ops import batched_nms, nms
 
-from utils.boxes import xywh2xyxy
-from utils.nms import non_max_suppression
+from utils.ops.boxes import xywh2xyxy
+from utils.ops.nms import non_max_suppression
 
 
 def random_pred(batch: int = 2, nc: int = 4, anchors: int = 300, size: float = 128.0) -> torch.Tensor:

@@ -24,9 +24,10 @@ import torch
 import official_ckpt_fixtures as fx
 from models.heads import branch_maps
 from models.yolo import reparameterize
-from utils.checkpoint import load_checkpoint, load_model, main as checkpoint_main
-from utils.errors import UserError
-from utils.official_ckpt import MODULE_CLASSES, read_official
+from utils.checkpoint.cli import main as checkpoint_main
+from utils.checkpoint.official import MODULE_CLASSES, read_official
+from utils.checkpoint.ours import load_checkpoint, load_model
+from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "tests" / "data" / "yolov9-keys"  # measured key lists, copied from shared/reference/yolov9
@@ -315,7 +316,7 @@ def _val_main(path: Path, data: str) -> tuple:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> str:
-    from utils.synthetic import generate
+    from utils.data.synthetic import generate
     return str(generate(tmp_path_factory.mktemp("synthetic"), n_train=0, n_val=4, img_size=IMG, seed=3))
 
 
@@ -452,12 +453,12 @@ def _detecting(model: fx.DetectionModel) -> fx.DetectionModel:
 
 def test_convert_once_then_val_gives_the_same_map(tmp_path, synthetic):
     import val
-    from utils.synthetic import CLASS_NAMES
+    from utils.data.synthetic import CLASS_NAMES
 
     model = _detecting(fx.build("yolov9-t", len(CLASS_NAMES), seed=5))
     official = fx.write_stripped(tmp_path / "yolov9-t.pt", model, list(CLASS_NAMES))
     ours = checkpoint_main(["convert", str(official.path), str(tmp_path / "yolov9-t-ours.pt")])
-    raw = torch.load(ours, map_location="cpu", weights_only=True)  # plain data now
+    raw = torch.load(ours, map_location="cpu", weights_only=True)  # plain data: no unpickler needed
     assert raw["names"] == list(CLASS_NAMES) and raw["extra"]["official_branch"] == "model"
     assert all(torch.equal(raw["state_dict"][k], v) for k, v in official.state_dict.items())
     metrics = [val.run(weights=str(w), data=synthetic, imgsz=IMG, batch_size=4, workers=0, device="cpu",
@@ -485,7 +486,7 @@ def test_export_detect_and_prune_take_an_official_file(files, tmp_path, syntheti
 
     import detect_dual
     import export
-    from utils.prune import prune_weights
+    from utils.export.prune import prune_weights
 
     official = files.get("yolov9-t", "stripped")
     onnx_path = export.main(["--weights", str(official.path), "--include", "onnx", "--img", str(IMG),
@@ -505,7 +506,7 @@ def test_export_detect_and_prune_take_an_official_file(files, tmp_path, syntheti
     assert summary.params_after < summary.params_before and load_model(pruned).nc == NC
 
     # train.py / train_distill.py --weights: fine-tuning an official file on data with other classes
-    from utils.train_setup import build_model
+    from utils.engine.setup import build_model
     opt = argparse.Namespace(cfg="", weights=str(official.path))
     model = build_model(opt, nc=7, names=[str(i) for i in range(7)])
     transferred = model.state_dict()
@@ -516,7 +517,7 @@ def test_export_detect_and_prune_take_an_official_file(files, tmp_path, syntheti
 
 
 def test_dual_teacher_distils_through_its_main_branch(files):
-    from utils.train_setup import load_teacher
+    from utils.engine.setup import load_teacher
 
     official = files.get("yolov9-s", "stripped")
     teacher = load_teacher(str(official.path), NAMES, torch.device("cpu"))

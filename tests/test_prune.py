@@ -1,4 +1,4 @@
-"""Structured pruning (utils/prune.py, prune.py): shapes, ratio, protected head, exactness of the
+"""Structured pruning (utils/export/prune.py, prune.py): shapes, ratio, protected head, exactness of the
 removed channels, checkpoint round trip, ONNX, errors, and the teacher-guided fine-tune entry."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from torch import nn
 
 import prune as prune_cli
 from models.heads import branch_maps, main_output
+from models.info import count_params
 from models.yolo import DetectionModel
-from utils.checkpoint import load_checkpoint, load_model, make_checkpoint, save_checkpoint
-from utils.errors import UserError
-from utils.model_info import count_params
-from utils.prune import (TraceBoundary, build_pruner, check_ratio, protected_layers, prune_model, prune_weights,
-                         pruned_checkpoint)
+from utils.checkpoint.ours import load_checkpoint, load_model, make_checkpoint, save_checkpoint
+from utils.core.errors import UserError
+from utils.export.prune import (TraceBoundary, build_pruner, check_ratio, protected_layers, prune_model, prune_weights,
+                                pruned_checkpoint)
 
 NC = 3
 IMG = 64
@@ -138,7 +138,7 @@ def test_pruned_checkpoint_round_trips(pruned, tmp_path):
 def test_prune_weights_then_onnx_matches_pytorch(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     from export import prepare_model
-    from utils.export_onnx import export_onnx
+    from utils.export.onnx import export_onnx
 
     source = save_checkpoint(make_checkpoint(_model("yolov9-tiny"), half=False), tmp_path / "best.pt")
     path, summary = prune_weights(source, ratio=RATIO, img_size=IMG)
@@ -201,7 +201,7 @@ def test_model_without_prunable_layers_is_refused():
 
 def test_teacher_guided_fine_tune_of_a_pruned_student(tmp_path):
     import train_distill
-    from utils.synthetic import CLASS_NAMES, generate
+    from utils.data.synthetic import CLASS_NAMES, generate
 
     data = generate(tmp_path / "syn", n_train=4, n_val=2, img_size=IMG, seed=0)
     teacher = DetectionModel("gelan-t", nc=len(CLASS_NAMES))

@@ -15,10 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import export
 from models.yolo import DetectionModel
-from utils.augment import letterbox
-from utils.checkpoint import make_checkpoint, save_checkpoint
-from utils.export_onnx import export_onnx, read_metadata
-from utils.onnx_precision import head_output_convs, keep_fp32_nodes, precision_summary, remove_fp16_round_trips
+from utils.checkpoint.ours import make_checkpoint, save_checkpoint
+from utils.data.augment import letterbox
+from utils.export.onnx import export_onnx, read_metadata
+from utils.export.precision import head_output_convs, keep_fp32_nodes, precision_summary, remove_fp16_round_trips
 
 ort = pytest.importorskip("onnxruntime")
 

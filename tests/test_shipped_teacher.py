@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from utils.checkpoint import load_checkpoint, load_model
-from utils.data_config import load_data_config
-from utils.datasets import create_dataloader
-from utils.evaluate import evaluate
+from utils.checkpoint.ours import load_checkpoint, load_model
+from utils.data.config import load_data_config
+from utils.data.dataset import create_dataloader
+from utils.eval.evaluator import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = 256
@@ -41,7 +41,7 @@ def test_teacher_is_folded_and_computes_what_the_trained_model_computes():
     import torch
 
     from models.common import RepConvN
-    from utils.train_setup import load_teacher
+    from utils.engine.setup import load_teacher
 
     path = ROOT / "weights" / "gelan-s-bccd256-e160.pt"
     reference = load_model(path).float().eval()
@@ -72,7 +72,7 @@ def test_bf16_teacher_teaches_nearly_what_the_fp32_teacher_does():
     import torch
 
     from utils.distill.loss import flatten_maps
-    from utils.train_setup import load_teacher
+    from utils.engine.setup import load_teacher
 
     path, names = str(ROOT / "weights" / "gelan-s-bccd256-e160.pt"), ["RBC", "WBC", "Platelets"]
     fp32 = load_teacher(path, names, torch.device("cpu"))

@@ -16,7 +16,7 @@ from models.backbones import (
     ShuffleV2Stem,
     channel_shuffle,
 )
-from utils.errors import UserError
+from utils.core.errors import UserError
 from tests.helpers import randomize_bn
 
 DETECT_DIR = Path(__file__).resolve().parents[1] / "models" / "detect"

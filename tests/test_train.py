@@ -13,10 +13,10 @@ import torch
 
 import train
 import train_distill
-from utils.checkpoint import load_checkpoint, load_model
-from utils.engine import Trainer
-from utils.synthetic import generate
-from utils.train_args import build_parser
+from utils.checkpoint.ours import load_checkpoint, load_model
+from utils.data.synthetic import generate
+from utils.engine.args import build_parser
+from utils.engine.trainer import Trainer
 
 from tests.helpers import HYP_DISTILL, HYP_LOW, STUDENT_YAML as STUDENT, interrupt_after_epoch
 from tests.helpers import results_rows as _rows
@@ -209,8 +209,8 @@ def test_two_process_ddp_matches_single_process_shape(tmp_path):
 
 
 def test_hyp_base_is_merged_and_loops_refused(tmp_path):
-    from utils.errors import UserError
-    from utils.train_setup import load_hyp
+    from utils.core.errors import UserError
+    from utils.engine.setup import load_hyp
 
     (tmp_path / "mine.yaml").write_text(f"base: [{HYP_DISTILL}, extra.yaml]\nnbs: 16\n")
     (tmp_path / "extra.yaml").write_text("ema_epochs: 3\nnbs: 32\ndistill_cls: 1.0\n")
@@ -243,8 +243,8 @@ def test_nominal_batch_hyp_sets_the_images_per_optimizer_step(tiny_data, tmp_pat
 
 
 def test_nominal_batch_values():
-    from utils.errors import UserError
-    from utils.optim import accumulate_steps, nominal_batch, scaled_weight_decay, warmup_accumulate
+    from utils.core.errors import UserError
+    from utils.engine.optim import accumulate_steps, nominal_batch, scaled_weight_decay, warmup_accumulate
 
     assert nominal_batch({}) == 64 and nominal_batch({"nbs": 16}) == 16
     assert accumulate_steps(16) == 4 and accumulate_steps(16, 16) == 1 and accumulate_steps(16, 8) == 1
@@ -263,7 +263,7 @@ def test_nominal_batch_values():
     (205, 16, 16), (103, 16, 16),  # BCCD and half of it: every batch a step
     (205, 8, 8), (500, 128, 128), (100_000, 128, 64)])
 def test_auto_nominal_batch(images, batch, nbs):
-    from utils.optim import MIN_STEPS_PER_EPOCH, auto_nominal_batch, nominal_batch
+    from utils.engine.optim import MIN_STEPS_PER_EPOCH, auto_nominal_batch, nominal_batch
 
     chosen, reason = auto_nominal_batch(images, batch)
     assert chosen == nbs and str(images) in reason
@@ -273,8 +273,8 @@ def test_auto_nominal_batch(images, batch, nbs):
 
 
 def test_ema_auto_is_yolos_on_a_large_set_and_a_few_epochs_on_a_small_one():
-    from utils.ema import ema_choice
-    from utils.errors import UserError
+    from utils.engine.ema import ema_choice
+    from utils.core.errors import UserError
 
     assert ema_choice({}, 118_287 / 64)[:2] == (0.9999, 2000.0)  # COCO at nbs 64
     decay, tau, reason = ema_choice({"ema_epochs": "auto"}, 13)  # BCCD at nbs 16: 13 updates per epoch
@@ -300,7 +300,7 @@ def test_bad_nominal_batch_is_one_line_exit_2(tiny_data, tmp_path, capsys):
 def test_a_checkpoint_without_auto_settings_resumes_with_yolos_values():
     """Runs record the nbs and weight average they chose; a checkpoint that has neither trained with
     YOLO's fixed 64 / 0.9999 / 2000 and keeps them when resumed (not the automatic choice)."""
-    from utils.engine import legacy_resume_hyp
+    from utils.engine.trainer import legacy_resume_hyp
 
     old = legacy_resume_hyp({"lr0": 0.01})
     assert old["nbs"] == 64 and (old["ema_decay"], old["ema_tau"]) == (0.9999, 2000)

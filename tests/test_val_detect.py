@@ -1,4 +1,5 @@
-"""val.py, detect_dual.py, utils/evaluate.py, utils/backends.py and utils/sources.py end to end (CPU, tiny)."""
+"""val.py, detect_dual.py, utils/eval/evaluator.py, utils/export/backends.py and utils/data/sources.py end to end
+(CPU, tiny)."""
 
 import cv2
 import numpy as np
@@ -7,12 +8,12 @@ import torch
 
 import detect_dual
 import val
-from utils.augment import letterbox
-from utils.backends import load_backend
-from utils.boxes import scale_boxes
-from utils.errors import UserError
-from utils.evaluate import evaluate
-from utils.sources import open_source
+from utils.core.errors import UserError
+from utils.data.augment import letterbox
+from utils.data.sources import open_source
+from utils.eval.evaluator import evaluate
+from utils.export.backends import load_backend
+from utils.ops.boxes import scale_boxes
 
 IMG = 64
 CLASS_NAMES = ["circle", "ring", "triangle", "square", "star", "cross", "hexagon"]  # the synthetic set's
@@ -31,7 +32,7 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model, tmp_path_factory):
-    from utils.checkpoint import make_checkpoint, save_checkpoint
+    from utils.checkpoint.ours import make_checkpoint, save_checkpoint
 
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
     save_checkpoint(make_checkpoint(tiny_model, half=False), path)
@@ -40,7 +41,7 @@ def checkpoint(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from utils.synthetic import generate
+    from utils.data.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("synthetic"), n_train=1, n_val=5, img_size=IMG)
 
@@ -132,7 +133,7 @@ def test_sources_list_glob_video(tmp_path):
 
 def test_onnx_backend_matches_pt(checkpoint, tmp_path):
     from export import prepare_model
-    from utils.export_onnx import export_onnx
+    from utils.export.onnx import export_onnx
 
     model = prepare_model(str(checkpoint), torch.device("cpu"), half=False)
     onnx_path = export_onnx(model, tmp_path / "tiny.onnx", IMG, names=CLASS_NAMES, stride=32)

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.anchors import bbox2dist, dist2bbox, make_anchors
 from models.heads import branch_maps, flatten_maps
-from utils.assigner import TaskAlignedAssigner
-from utils.boxes import bbox2dist, bbox_iou, dist2bbox, make_anchors, xywh2xyxy
+from utils.core.errors import UserError
 from utils.distill import DistillationLoss
-from utils.errors import UserError
+from utils.ops.assigner import TaskAlignedAssigner
+from utils.ops.boxes import bbox_iou, xywh2xyxy
 
 # DistillationLoss (utils/distill/loss.py) is re-exported here: `from utils.loss import DistillationLoss`.
 __all__ = ["BranchTargets", "DetectionLoss", "DistillationLoss", "GroundTruth"]

@@ -19,7 +19,9 @@ The result is ``DST/images/<split>/`` (symlinks to the source images, or copies 
 ``DST/labels/<split>/*.txt`` (``class cx cy w h`` normalised) and ``DST/data.yaml`` with the class
 list. Problems are reported one line per file, counted by kind, and the file is skipped; a folder
 with nothing usable is one error line and exit code 2. YOLO-format exports need no conversion: their
-data.yaml loads as it is (:mod:`utils.data_config` follows the Ultralytics path rules).
+data.yaml loads as it is (:mod:`utils.data.config` follows the Ultralytics path rules). The package may
+import ``utils.core`` and ``utils.data`` (the image suffixes, and the data.yaml reader of ``prepare``),
+nothing from ``models``.
 """
 
 from utils.convert.cli import main

@@ -9,8 +9,8 @@ from utils.convert.voc import convert_voc
 from utils.convert.voc_layout import LAYOUTS
 from utils.convert.writer import (DEFAULT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, SPLITS,
                                   ConversionResult, parse_names)
-from utils.errors import ArgumentParser, UserError, cli_main
-from utils.log import LOGGER, setup_logging
+from utils.core.errors import ArgumentParser, UserError, cli_main
+from utils.core.log import LOGGER, setup_logging
 
 
 def _split_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> ConversionResult | dict:
     setup_logging()
     opt = parse_args(argv)
     if opt.format == "prepare":
-        from utils.data_config import load_data_config
+        from utils.data.config import load_data_config
 
         config = load_data_config(opt.data)
         LOGGER.info(f"{config['yaml_file']}: ready in {config['path']}")

@@ -19,8 +19,8 @@ from utils.convert.writer import (DEFAULT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_V
                                   SPLITS, ConversionResult, Item, Problems, assign_splits, check_box,
                                   check_fractions, image_size, is_image, note, split_keys, to_yolo_row,
                                   write)
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 ROBOFLOW_JSON = "_annotations.coco.json"
 

@@ -21,12 +21,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from utils.atomic import swap_in_folder
 from utils.convert.coco import convert_coco_export
 from utils.convert.voc import convert_voc
 from utils.convert.writer import written_by_us
-from utils.errors import UserError
-from utils.log import LOGGER
+from utils.core.atomic import swap_in_folder
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 
 MARKER = ".convert.json"
 MARKER_VERSION = 1

@@ -30,7 +30,7 @@ from utils.convert.writer import (DEFAULT_SEED, DEFAULT_TEST_FRACTION, DEFAULT_V
                                   ConversionResult, Item, Problems, assign_splits, check_box,
                                   check_fractions, class_order, image_size, note, split_keys, to_yolo_row,
                                   write)
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
 

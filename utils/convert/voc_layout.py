@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from utils.convert.writer import SPLIT_DIRS, is_image
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 LAYOUTS = ("auto", "devkit", "flat", "labelimg", "splits")
 ANNOTATION_DIRS = ("annotations", "annotation", "xml", "xmls", "labels")  # a VOC year's XML folder

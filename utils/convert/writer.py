@@ -18,9 +18,9 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from utils.errors import UserError
-from utils.label_check import IMG_FORMATS
-from utils.log import LOGGER
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
+from utils.data.labels import IMG_FORMATS
 
 SPLITS = ("train", "val", "test")
 YAML_HEADER = "# Written by utils.convert"

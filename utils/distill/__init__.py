@@ -6,7 +6,8 @@
 - :mod:`~utils.distill.connectors`: connectors and the student wrapped with them (one DDP module);
 - :mod:`~utils.distill.crosskd`: CrossKD through the teacher's final convs;
 - :mod:`~utils.distill.loss`: DistillationLoss and the teacher fit checks.
-``utils.loss`` re-exports :class:`DistillationLoss`.
+``utils.loss`` re-exports :class:`DistillationLoss`. The package may import ``utils.core`` and ``models``
+(the head's output helpers), nothing else in ``utils``.
 """
 
 from utils.distill.config import DistillConfig

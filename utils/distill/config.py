@@ -15,12 +15,12 @@ import math
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Sequence
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 SCHEDULES = ("constant", "linear", "cosine")
 CLS_TYPES = ("sigmoid", "softmax")
 FEATURE_TYPES = ("mse", "cwd", "mgd", "pkd", "at")
-# distill_teacher_dtype values -> torch dtype names (auto: utils.train_setup.resolve_teacher_dtype picks one)
+# distill_teacher_dtype values -> torch dtype names (auto: utils.engine.setup.resolve_teacher_dtype picks one)
 TEACHER_DTYPES = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ASSIGNERS = ("student", "teacher")  # whose predictions the task-aligned assigner ranks anchors by
 NEVER = -1  # distill_stop_epoch value that keeps distilling to the end

@@ -38,14 +38,14 @@ import torch
 from torch import nn
 
 from models.heads import branch_maps, flatten_maps
+from utils.core.errors import UserError
+from utils.core.log import LOGGER
 from utils.distill.config import NEVER, DistillConfig
 from utils.distill.connectors import DistillModules, FeatureAdapter
 from utils.distill.crosskd import CrossKDHead
 from utils.distill.schedule import (backbone_end, backbone_frozen, distill_weight_at, resolve_stop_epoch,
                                     set_backbone_trainable)
 from utils.distill.terms import FEATURE_LOSSES, NEEDS_CONNECTOR, REG_MAX, binary_kd, dfl_kd, softmax_kd
-from utils.errors import UserError
-from utils.log import LOGGER
 
 # The teacher's foreground mass is clamped here: a batch where it sees nothing gives a mean, not a blow-up.
 MIN_TEACHER_MASS = 1.0
