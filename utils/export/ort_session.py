@@ -34,7 +34,8 @@ def providers_for(device: str | torch.device) -> list[Any]:
 
 
 def ort_session(model: str | Path | bytes, device: str | torch.device = "cpu", *, threads: int | None = None,
-                inter_op_threads: int | None = None, sequential: bool = False, log_severity: int = ERRORS_ONLY):
+                inter_op_threads: int | None = None, sequential: bool = False,
+                log_severity: int = ERRORS_ONLY) -> Any:
     """An ``onnxruntime.InferenceSession`` for ``model`` (a file or serialised ``ModelProto`` bytes).
 
     ``threads`` / ``inter_op_threads``: ONNX Runtime's intra- and inter-op pools (None: its default).
