@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -58,13 +59,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class _Outputs:
-    """Writes annotated images, videos (one writer per video or stream), labels and crops."""
+@dataclass(frozen=True)
+class DetectOptions:
+    """What detect_dual.py does: one field per flag of :func:`parse_args` (same names and defaults)."""
 
-    def __init__(self, save_dir: Path, names: list[str], save_img: bool, save_txt: bool, save_conf: bool,
-                 save_crop: bool) -> None:
+    weights: str
+    source: str = str(ROOT / "data" / "images")
+    imgsz: int = 640
+    conf_thres: float = 0.25
+    iou_thres: float = 0.45
+    max_det: int = 1000
+    device: str = ""
+    view_img: bool = False
+    save_txt: bool = False
+    save_conf: bool = False
+    save_crop: bool = False
+    nosave: bool = False
+    classes: list[int] | None = None
+    agnostic_nms: bool = False
+    project: str = str(ROOT / "runs" / "detect")
+    name: str = "exp"
+    exist_ok: bool = False
+    line_thickness: int = 3
+    hide_labels: bool = False
+    hide_conf: bool = False
+    half: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DetectOptions:
+        """The options of parsed flags."""
+        return cls(**vars(args))
+
+
+class _Outputs:
+    """Writes annotated images, videos (one writer per video or stream), labels and crops as ``opt`` says."""
+
+    def __init__(self, save_dir: Path, names: list[str], opt: DetectOptions) -> None:
         self.save_dir, self.names = save_dir, names
-        self.save_img, self.save_txt, self.save_conf, self.save_crop = save_img, save_txt, save_conf, save_crop
+        self.save_img, self.save_txt, self.save_conf, self.save_crop = (not opt.nosave, opt.save_txt, opt.save_conf,
+                                                                        opt.save_crop)
         self.writers: dict[str, cv2.VideoWriter] = {}
         self.stream_ids: dict[str, int] = {}
 
@@ -123,28 +156,25 @@ def _show(window: str, image: np.ndarray) -> bool:
         return False
 
 
-def run(weights: str, source: str = str(ROOT / "data" / "images"), imgsz: int = 640, conf_thres: float = 0.25,
-        iou_thres: float = 0.45, max_det: int = 1000, device: str = "", view_img: bool = False,
-        save_txt: bool = False, save_conf: bool = False, save_crop: bool = False, nosave: bool = False,
-        classes: list[int] | None = None, agnostic_nms: bool = False, project: str = str(ROOT / "runs" / "detect"),
-        name: str = "exp", exist_ok: bool = False, line_thickness: int = 3, hide_labels: bool = False,
-        hide_conf: bool = False, half: bool = False) -> Path:
-    """Detect objects in every frame of ``source``; returns the folder the results were written to."""
-    if not 0.0 <= conf_thres < 1.0 or not 0.0 < iou_thres <= 1.0:
+def run(opt: DetectOptions) -> Path:
+    """Detect objects in every frame of ``opt.source``; returns the folder the results were written to."""
+    if not 0.0 <= opt.conf_thres < 1.0 or not 0.0 < opt.iou_thres <= 1.0:
         raise UserError("--conf-thres must be in [0, 1) and --iou-thres in (0, 1]")
-    if imgsz < 1 or max_det < 1:
+    if opt.imgsz < 1 or opt.max_det < 1:
         raise UserError("--img and --max-det must be positive")
-    frames = open_source(source)  # a missing source fails before the model is loaded
-    backend = load_backend(weights, device, half=half)
+    frames = open_source(opt.source)  # a missing source fails before the model is loaded
+    backend = load_backend(opt.weights, opt.device, half=opt.half)
     static = backend.img_size is not None
+    imgsz = opt.imgsz
     if not static and imgsz % backend.stride:
         rounded = -(-imgsz // backend.stride) * backend.stride
         LOGGER.warning(f"--img {imgsz} is not a multiple of the stride {backend.stride}; using {rounded}")
         imgsz = rounded
     new_shape = backend.img_size if static else (imgsz, imgsz)
-    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
-    outputs = _Outputs(save_dir, backend.names, not nosave, save_txt, save_conf, save_crop)
+    save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)
+    outputs = _Outputs(save_dir, backend.names, opt)
     in_dtype = torch.float16 if backend.half else torch.float32
+    view_img = opt.view_img
     count, total_dets = 0, 0
     try:
         for frame in frames:
@@ -153,11 +183,11 @@ def run(weights: str, source: str = str(ROOT / "data" / "images"), imgsz: int = 
             x = torch.from_numpy(np.ascontiguousarray(boxed[:, :, ::-1].transpose(2, 0, 1)))
             x = (x.to(backend.device).to(in_dtype) / 255).unsqueeze(0)
             pred = backend(x)
-            det = non_max_suppression(pred, conf_thres, iou_thres, classes=classes, agnostic=agnostic_nms,
-                                      max_det=max_det)[0].cpu()
+            det = non_max_suppression(pred, opt.conf_thres, opt.iou_thres, classes=opt.classes,
+                                      agnostic=opt.agnostic_nms, max_det=opt.max_det)[0].cpu()
             scale_boxes(boxed.shape[:2], det[:, :4], frame.image.shape[:2], (ratio, pad))
-            annotated = draw_detections(frame.image.copy(), det, backend.names, line_thickness, hide_labels,
-                                        hide_conf)
+            annotated = draw_detections(frame.image.copy(), det, backend.names, opt.line_thickness, opt.hide_labels,
+                                        opt.hide_conf)
             outputs.write(frame, det, annotated)
             if view_img:
                 view_img = _show(str(frame.path), annotated)
@@ -174,7 +204,7 @@ def run(weights: str, source: str = str(ROOT / "data" / "images"), imgsz: int = 
 @cli_main
 def main(argv: list[str] | None = None) -> Path:
     setup_logging()
-    return run(**vars(parse_args(argv)))
+    return run(DetectOptions.from_args(parse_args(argv)))
 
 
 if __name__ == "__main__":

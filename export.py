@@ -16,14 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from models.yolo import DetectionModel, reparameterize
-from utils.checkpoint.ours import load_model
 from utils.core.device import select_device
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
-from utils.export.onnx import DEFAULT_OPSET, FP16_QDQ_OPSET, MIN_OPSET, export_onnx
+from utils.export.model import prepare_model
+from utils.export.onnx import DEFAULT_OPSET, FP16_QDQ_OPSET, MIN_OPSET, OnnxSettings, export_onnx
 from utils.export.quantize import (CALIB_METHODS, DEFAULT_CALIB_IMAGES, MIN_CALIB_IMAGES, CalibrationSettings,
                                    check_calibration)
 from utils.export.trt import ORIN_NANO_WORKSPACE_MIB, TRT_VERSIONS, engine_or_command
@@ -111,18 +108,6 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UserError(f"--workspace {opt.workspace} must be positive (GiB)")
 
 
-def prepare_model(weights: str | Path, device: torch.device, half: bool = False) -> DetectionModel:
-    """Load for export: dual heads reparameterized to the gelan layout, RepConvN and Conv+BN fused,
-    eval, no gradients, head in export mode (one output, the main branch's decode); FP32 unless
-    ``half`` (export_onnx traces FP32 and converts the graph itself: export.py never passes it)."""
-    model = reparameterize(load_model(weights, device=device))
-    model.fuse().eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    model.head.export = True
-    return model.half() if half else model
-
-
 def calibration(opt: argparse.Namespace) -> CalibrationSettings:
     """INT8 calibration settings: the train split of ``--data`` (UserError when it has too few images)."""
     from utils.data.config import load_data_config
@@ -140,6 +125,15 @@ def precision(opt: argparse.Namespace) -> str:
     if opt.int8:
         return "int8-fp16" if opt.half else "int8"
     return "fp16" if opt.half else "fp32"
+
+
+def onnx_settings(opt: argparse.Namespace, precision_kind: str, opset: int, calib: CalibrationSettings | None,
+                  names: list[str], stride: int) -> OnnxSettings:
+    """The :class:`OnnxSettings` of the parsed flags, with the resolved precision, opset and calibration."""
+    return OnnxSettings(batch=opt.batch, opset=opset, dynamic=opt.dynamic, simplify=opt.simplify,
+                        precision=precision_kind, fp16_io=opt.fp16_io, calibration=calib, transpose=opt.transpose,
+                        end2end=opt.nms if opt.end2end else None, max_det=opt.topk_all, iou_thres=opt.iou_thres,
+                        conf_thres=opt.conf_thres, names=names, stride=stride)
 
 
 @cli_main
@@ -160,10 +154,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         LOGGER.info(f"--opset {opt.opset} -> {opset}: FP16 Q/DQ scales need opset {FP16_QDQ_OPSET}")
     weights = Path(opt.weights)  # best.onnx (FP32), best-fp16.onnx, best-int8.onnx, best-int8-fp16.onnx
     onnx_path = weights.with_name(weights.stem + ("" if kind == "fp32" else f"-{kind}") + ".onnx")
-    export_onnx(model, onnx_path, img, batch=opt.batch, opset=opset, dynamic=opt.dynamic, simplify=opt.simplify,
-                precision=kind, fp16_io=opt.fp16_io, calibration=calib, transpose=opt.transpose,
-                end2end=opt.nms if opt.end2end else None, max_det=opt.topk_all, iou_thres=opt.iou_thres,
-                conf_thres=opt.conf_thres, names=list(model.names), stride=stride)
+    export_onnx(model, onnx_path, img, onnx_settings(opt, kind, opset, calib, list(model.names), stride))
     LOGGER.info(f"ONNX ({kind}): {onnx_path} ({onnx_path.stat().st_size / 2**20:.1f} MB)")
     written = [onnx_path]
     if "engine" in opt.include:

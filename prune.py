@@ -55,9 +55,9 @@ def _report(summary: PruneSummary, path: Path) -> None:
 def _validate(weights: str | Path, opt: argparse.Namespace, name: str) -> float:
     import val  # only with --data: the data pipeline is not needed to prune
 
-    metrics = val.run(weights=str(weights), data=opt.data, imgsz=opt.img, batch_size=opt.batch,
-                      device=opt.device, workers=opt.workers, project=str(ROOT / "runs" / "prune"),
-                      name=name, noplots=True)
+    metrics = val.run(val.ValOptions(weights=str(weights), data=opt.data, imgsz=opt.img, batch_size=opt.batch,
+                                     device=opt.device, workers=opt.workers, project=str(ROOT / "runs" / "prune"),
+                                     name=name, noplots=True))
     return float(metrics["map"])
 
 

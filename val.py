@@ -8,17 +8,19 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
 from utils.core.paths import increment_path
 from utils.data.config import load_data_config
-from utils.data.dataset import create_dataloader
-from utils.eval.evaluator import evaluate, format_results
-from utils.export.backends import load_backend
+from utils.data.dataset import LoaderOptions, create_dataloader
+from utils.eval.evaluator import EvalSettings, evaluate, format_results
+from utils.export.backends import Backend, load_backend
 
 ROOT = Path(__file__).resolve().parent
 TASKS = ("val", "test", "speed")
@@ -50,57 +52,92 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _check_flags(conf_thres: float, iou_thres: float, max_det: int, batch_size: int, imgsz: int) -> None:
-    if not 0.0 <= conf_thres < 1.0:
-        raise UserError(f"--conf-thres {conf_thres} must be in [0, 1)")
-    if not 0.0 < iou_thres <= 1.0:
-        raise UserError(f"--iou-thres {iou_thres} must be in (0, 1]")
-    if max_det < 1 or batch_size < 1 or imgsz < 1:
+@dataclass(frozen=True)
+class ValOptions:
+    """What val.py does: one field per flag of :func:`parse_args` (same names and defaults)."""
+
+    weights: str
+    data: str = str(ROOT / "data" / "synthetic.yaml")
+    imgsz: int = 640
+    batch_size: int = 32
+    conf_thres: float = 0.001
+    iou_thres: float = 0.7
+    max_det: int = 300
+    task: str = "val"
+    device: str = ""
+    half: bool = False
+    save_json: bool = False
+    save_txt: bool = False
+    save_conf: bool = False
+    project: str = str(ROOT / "runs" / "val")
+    name: str = "exp"
+    exist_ok: bool = False
+    workers: int = 8
+    verbose: bool = False
+    noplots: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ValOptions:
+        """The options of parsed flags."""
+        return cls(**vars(args))
+
+
+def _check_flags(opt: ValOptions) -> None:
+    if opt.task not in TASKS:
+        raise UserError(f"--task {opt.task} is not one of {', '.join(TASKS)}")
+    if not 0.0 <= opt.conf_thres < 1.0:
+        raise UserError(f"--conf-thres {opt.conf_thres} must be in [0, 1)")
+    if not 0.0 < opt.iou_thres <= 1.0:
+        raise UserError(f"--iou-thres {opt.iou_thres} must be in (0, 1]")
+    if opt.max_det < 1 or opt.batch_size < 1 or opt.imgsz < 1:
         raise UserError("--max-det, --batch-size and --img must be positive")
 
 
-def run(weights: str, data: str = str(ROOT / "data" / "synthetic.yaml"), imgsz: int = 640, batch_size: int = 32,
-        conf_thres: float = 0.001, iou_thres: float = 0.7, max_det: int = 300, task: str = "val",
-        device: str = "", half: bool = False, save_json: bool = False, save_txt: bool = False,
-        save_conf: bool = False, project: str = str(ROOT / "runs" / "val"), name: str = "exp",
-        exist_ok: bool = False, workers: int = 8, verbose: bool = False, noplots: bool = False) -> dict:
-    """Validate ``weights`` on the ``task`` split of ``data``; returns the dict of ``utils.eval.evaluator.evaluate``
-    plus ``save_dir``. Raises :class:`UserError` for bad flags, files or data."""
-    if task not in TASKS:
-        raise UserError(f"--task {task} is not one of {', '.join(TASKS)}")
-    if task == "speed":
-        conf_thres, iou_thres, save_json, save_txt, noplots = SPEED_CONF, SPEED_IOU, False, False, True
-    _check_flags(conf_thres, iou_thres, max_det, batch_size, imgsz)
-    cfg = load_data_config(data)
-    split_name = "test" if task == "test" else "val"
-    split = cfg[split_name]
-    if split is None:
-        raise UserError(f"--data {cfg['yaml_file']}: no '{split_name}' split for --task {task}")
-    backend = load_backend(weights, device, half=half)
-    if backend.nc != cfg["nc"]:
-        raise UserError(f"--weights {weights} predicts {backend.nc} classes but --data {cfg['yaml_file']} "
-                        f"has {cfg['nc']}")
-    rect = backend.img_size is None  # a static export takes exactly its own square size
-    if not rect:
+def _input_size(opt: ValOptions, backend: Backend) -> int:
+    """The square size to validate at: a static export's own, else ``--img`` rounded up to the stride."""
+    if backend.img_size is not None:  # a static export takes exactly its own square size
         height, width = backend.img_size
         if height != width:
-            raise UserError(f"--weights {weights} was exported for {height}x{width}; validate it with a square export")
-        if imgsz != height:
-            LOGGER.info(f"--img {imgsz} -> {height}: {weights} is a static export")
-        imgsz = height
-    elif imgsz % backend.stride:
-        new = -(-imgsz // backend.stride) * backend.stride
-        LOGGER.warning(f"--img {imgsz} is not a multiple of the stride {backend.stride}; using {new}")
-        imgsz = new
-    loader, _ = create_dataloader(split, imgsz, batch_size, stride=backend.stride, rect=rect, workers=workers,
-                                  nc=cfg["nc"], prefix=f"{task}: ")
-    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+            raise UserError(f"--weights {opt.weights} was exported for {height}x{width}; validate it with a "
+                            "square export")
+        if opt.imgsz != height:
+            LOGGER.info(f"--img {opt.imgsz} -> {height}: {opt.weights} is a static export")
+        return height
+    if opt.imgsz % backend.stride:
+        new = -(-opt.imgsz // backend.stride) * backend.stride
+        LOGGER.warning(f"--img {opt.imgsz} is not a multiple of the stride {backend.stride}; using {new}")
+        return new
+    return opt.imgsz
+
+
+def run(opt: ValOptions) -> dict:
+    """Validate ``opt.weights`` on the ``opt.task`` split of ``opt.data``; returns the dict of
+    ``utils.eval.evaluator.evaluate`` plus ``save_dir``. Raises :class:`UserError` for bad flags, files or data."""
+    if opt.task == "speed":
+        opt = dataclasses.replace(opt, conf_thres=SPEED_CONF, iou_thres=SPEED_IOU, save_json=False, save_txt=False,
+                                  noplots=True)
+    _check_flags(opt)
+    cfg = load_data_config(opt.data)
+    split_name = "test" if opt.task == "test" else "val"
+    split = cfg[split_name]
+    if split is None:
+        raise UserError(f"--data {cfg['yaml_file']}: no '{split_name}' split for --task {opt.task}")
+    backend = load_backend(opt.weights, opt.device, half=opt.half)
+    if backend.nc != cfg["nc"]:
+        raise UserError(f"--weights {opt.weights} predicts {backend.nc} classes but --data {cfg['yaml_file']} "
+                        f"has {cfg['nc']}")
+    imgsz = _input_size(opt, backend)
+    loader, _ = create_dataloader(split, LoaderOptions(imgsz, opt.batch_size, stride=backend.stride,
+                                                       rect=backend.img_size is None, workers=opt.workers,
+                                                       nc=cfg["nc"], prefix=f"{opt.task}: "))
+    save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)
     if backend.device.type == "cuda":  # so that CUDA / TensorRT start-up is not in the timings
         backend.warmup((imgsz, imgsz))
-    metrics = evaluate(backend, loader, backend.names, conf_thres=conf_thres, iou_thres=iou_thres,
-                       max_det=max_det, half=half, save_dir=save_dir, plots=not noplots, save_json=save_json,
-                       save_txt=save_txt, save_conf=save_conf)
-    LOGGER.info(format_results(metrics, verbose=verbose))
+    settings = EvalSettings(conf_thres=opt.conf_thres, iou_thres=opt.iou_thres, max_det=opt.max_det, half=opt.half,
+                            save_dir=save_dir, plots=not opt.noplots, save_json=opt.save_json, save_txt=opt.save_txt,
+                            save_conf=opt.save_conf)
+    metrics = evaluate(backend, loader, backend.names, settings)
+    LOGGER.info(format_results(metrics, verbose=opt.verbose))
     if "coco" in metrics:
         coco = metrics["coco"]
         LOGGER.info(f"COCO evaluator ({coco['evaluator']}): mAP50-95 {coco['map']:.4f}, mAP50 {coco['map50']:.4f}")
@@ -113,7 +150,7 @@ def run(weights: str, data: str = str(ROOT / "data" / "synthetic.yaml"), imgsz: 
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    return run(**vars(parse_args(argv)))
+    return run(ValOptions.from_args(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -370,7 +370,7 @@ def step_latency(ctx: Context) -> None:
     import torch
 
     from benchmarks.latency import BCCD_CLASSES, STUDENTS, TEACHERS
-    from export import prepare_model
+    from utils.export.model import prepare_model
     from models.yolo import DetectionModel
     from utils.checkpoint.ours import make_checkpoint, save_checkpoint
     from models.info import count_params, gflops
@@ -439,12 +439,13 @@ def ort_call(onnx_path: str, batch: int, img: int, device: str) -> Callable[[], 
     import onnxruntime as ort
 
     from utils.export.onnx import PLAIN_OUTPUT
+    from utils.export.ort_session import ort_session
 
     x = np.random.default_rng(SEED).random((batch, 3, img, img), dtype=np.float32)
     if device == "cpu":
-        session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        session = ort_session(onnx_path)
         return lambda: session.run(None, {"images": x})
-    session = ort.InferenceSession(onnx_path, providers=["CUDAExecutionProvider"])
+    session = ort_session(onnx_path, device)
     if session.get_providers()[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"onnxruntime fell back to {session.get_providers()} for {onnx_path}")
     binding = session.io_binding()

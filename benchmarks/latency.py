@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 from benchmarks.common import cpu_name
-from export import prepare_model
 from models.info import count_params, gflops
 from models.yolo import DetectionModel
 from utils.checkpoint.ours import make_checkpoint, save_checkpoint
+from utils.export.model import prepare_model
 from utils.export.onnx import export_onnx
+from utils.export.ort_session import ort_session
 
 TEACHERS = ("gelan-s", "yolov9-s")
 STUDENTS = ("yolov9-tiny", "yolov9-tiny-1.0x", "mobilenetv3-small")
@@ -79,15 +80,6 @@ def _summary(times: list[float]) -> dict:
             "p90_ms": float(np.quantile(np.asarray(ordered), P90)) * MS}
 
 
-def _ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def prepare(names: list[str], img: int, nc: int, folder: Path) -> list[dict]:
     """Build, save, reload through ``export.prepare_model`` and export each model; returns one record each."""
     records = []
@@ -104,7 +96,7 @@ def prepare(names: list[str], img: int, nc: int, folder: Path) -> list[dict]:
 def time_onnxruntime(records: list[dict], img: int, threads: int, warmup: int, runs: int) -> None:
     """Round-robin timed ORT runs; adds ``ort_cpu`` (median_ms, p90_ms) to each record."""
     x = np.random.default_rng(0).random((1, 3, img, img), dtype=np.float32)
-    sessions = [_ort_session(r["onnx"], threads) for r in records]
+    sessions = [ort_session(r["onnx"], threads=threads, inter_op_threads=1, sequential=True) for r in records]
     for session in sessions:
         for _ in range(warmup):
             session.run(None, {"images": x})

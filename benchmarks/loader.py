@@ -41,7 +41,7 @@ from utils.core.device import select_device
 from utils.core.errors import UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
 from utils.data.config import load_data_config
-from utils.data.dataset import create_dataloader
+from utils.data.dataset import LoaderOptions, create_dataloader
 from utils.data.gpu_augment import GPUAugment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,10 +141,12 @@ def run_modes(opt: argparse.Namespace, source: str | list[str], hyp: dict, devic
 
     if "a" in opt.modes:
         measure("a", "public style: main process, one image at a time, no cache",
-                lambda: create_dataloader(source, opt.img, opt.batch, workers=0, cache=None, **common), to_float)
+                lambda: create_dataloader(source, LoaderOptions(opt.img, opt.batch, workers=0, cache=None, **common)),
+                to_float)
     if "b" in opt.modes:
         measure("b", f"create_dataloader, CPU augment, {workers} persistent workers, RAM cache",
-                lambda: create_dataloader(source, opt.img, opt.batch, workers=workers, cache="ram", **common),
+                lambda: create_dataloader(source, LoaderOptions(opt.img, opt.batch, workers=workers, cache="ram",
+                                                                **common)),
                 to_float)
         gc.collect()  # let the persistent workers of (b) go before (c) starts its own
     if "c" in opt.modes or "d" in opt.modes:
@@ -156,8 +158,9 @@ def run_modes(opt: argparse.Namespace, source: str | list[str], hyp: dict, devic
 
         batches = measure("c", f"gpu_augment loader ({workers} persistent workers, RAM cache) + GPUAugment "
                           f"on {device.type}",
-                          lambda: create_dataloader(source, opt.img, opt.batch, workers=workers, cache="ram",
-                                                    gpu_augment=True, **common), augment)
+                          lambda: create_dataloader(source, LoaderOptions(opt.img, opt.batch, workers=workers,
+                                                                          cache="ram", gpu_augment=True, **common)),
+                          augment)
         if "c" not in opt.modes:
             results.pop()
         if "d" in opt.modes:

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.latency import machine_info, machine_line, time_onnxruntime
-from export import prepare_model
 from models.info import count_params, gflops
+from utils.export.model import prepare_model
 from utils.export.onnx import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -68,21 +68,18 @@ def export_variant(weights: Path, folder: Path, name: str, flags: list[str], img
 def validate(onnx_path: Path, data: str, img: int, work: Path) -> dict:
     import val
 
-    metrics = val.run(str(onnx_path), data=data, imgsz=img, batch_size=8, device="cpu", workers=0, noplots=True,
-                      project=str(work / "val"), name=onnx_path.stem, exist_ok=True)
+    metrics = val.run(val.ValOptions(str(onnx_path), data=data, imgsz=img, batch_size=8, device="cpu", workers=0,
+                                     noplots=True, project=str(work / "val"), name=onnx_path.stem, exist_ok=True))
     return {"map50": metrics["map50"], "map": metrics["map"]}
 
 
 def interleaved_latency(paths: dict[str, Path], img: int, rounds: int) -> dict[str, float]:
     """Median ms per ONNX file: one ORT thread, batch 1, the files timed in turn ``rounds`` times."""
-    import onnxruntime as ort
+    from utils.export.ort_session import ort_session
 
     sessions = {}
     for name, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(path, threads=1, inter_op_threads=1)
         inp = session.get_inputs()[0]
         dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
         sessions[name] = (session, {inp.name: np.random.default_rng(0).random((1, 3, img, img)).astype(dtype)})

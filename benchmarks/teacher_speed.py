@@ -108,14 +108,15 @@ def measure(opt: argparse.Namespace) -> dict:
 def score(model: torch.nn.Module, data_yaml: str, img: int) -> dict[str, float]:
     """``{'val_map': .., 'test_map': ..}``: mAP50-95 of ``model`` (in its own dtype) on the data's splits."""
     from utils.data.config import load_data_config
-    from utils.data.dataset import create_dataloader
+    from utils.data.dataset import LoaderOptions, create_dataloader
     from utils.eval.evaluator import evaluate
 
     data = load_data_config(data_yaml)
     out = {}
     for split in ("val", "test"):
         if data.get(split):
-            loader, _ = create_dataloader(data[split], img, 16, 32, rect=True, workers=0, nc=len(data["names"]))
+            loader, _ = create_dataloader(data[split], LoaderOptions(img, 16, 32, rect=True, workers=0,
+                                                                     nc=len(data["names"])))
             out[f"{split}_map"] = evaluate(model, loader, data["names"], progress=False)["map"]
     return out
 

@@ -10,7 +10,7 @@ from export_fixtures import BCCD, BCCD_BOXES, BCCD_SPLITS
 from utils.convert import convert_coco, convert_voc, main
 from utils.core.log import LOGGER
 from utils.data.config import load_data_config
-from utils.data.dataset import create_dataloader
+from utils.data.dataset import LoaderOptions, create_dataloader
 
 
 
@@ -43,7 +43,7 @@ def test_bccd_voc_conversion(bccd_converted, bccd_root):
     assert data["nc"] == 3 and data["names"] == ["RBC", "WBC", "Platelets"]
     assert data["test"] == str(dst / "images" / "test")
     # The loader agrees: every label passes its checks (no drops besides the converter's).
-    _, dataset = create_dataloader(data["val"], 128, 8, workers=0, nc=3)
+    _, dataset = create_dataloader(data["val"], LoaderOptions(128, 8, workers=0, nc=3))
     val_rows = count_rows(dst / "labels" / "val")
     assert sum(len(lab) for lab in dataset.labels) == val_rows
     assert dataset.counts.get("corrupt", 0) == 0

@@ -23,7 +23,7 @@ from utils.convert.writer import assign_splits, random_split
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
 from utils.data.config import load_data_config
-from utils.data.dataset import create_dataloader
+from utils.data.dataset import LoaderOptions, create_dataloader
 
 SORTED_NAMES = ["Platelets", "RBC", "WBC"]  # no classes.txt in an export: the names found, sorted
 VAL, TEST, SEED = 0.2, 0.1, 0
@@ -216,7 +216,7 @@ def test_roboflow_yolo_export_loads_with_ultralytics_paths(work, bccd, monkeypat
     assert data["names"] == SORTED_NAMES and data["roboflow"]["project"] == "bccd-cells"
     boxes, degenerate = 0, 0
     for split, n in BCCD_SPLITS.items():
-        _, dataset = create_dataloader(data[split], 64, 4, workers=0, nc=3)
+        _, dataset = create_dataloader(data[split], LoaderOptions(64, 4, workers=0, nc=3))
         assert len(dataset.im_files) == n
         boxes += sum(len(lab) for lab in dataset.labels)
         degenerate += dataset.counts.get("degenerate", 0)

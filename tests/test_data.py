@@ -13,7 +13,7 @@ from utils.core import atomic
 from utils.core.errors import UserError
 from utils.data import labels, synthetic
 from utils.data.config import load_data_config
-from utils.data.dataset import close_mosaic, create_dataloader
+from utils.data.dataset import LoaderOptions, close_mosaic, create_dataloader
 from utils.ops.boxes import scale_boxes, xywhn2xyxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_data_yaml_resolution(tmp_path, monkeypatch):
     other = write_yaml(tmp_path / "elsewhere" / "d.yaml", {"path": "ds", "train": "images/train", "nc": 6})
     data = load_data_config(other)
     assert data["train"] == str(tmp_path / "ds" / "images" / "train") and data["names"][0] == "class0"
-    loader, dataset = create_dataloader(load_data_config(cfg)["val"], 64, 2, workers=0)
+    loader, dataset = create_dataloader(load_data_config(cfg)["val"], LoaderOptions(64, 2, workers=0))
     assert len(dataset) == 2
 
 
@@ -206,7 +206,7 @@ def test_bad_input_is_reported_once_dropped_and_counted(tmp_path, log_lines):
                 "",                         # 10 empty lines are fine
                 "3 0.1 0.1 0.3 0.1 0.2 0.4"]  # 11 a polygon (segment) row: its bounding box
     (tmp_path / "labels" / "train" / "bad.txt").write_text("\n".join(bad_rows))
-    loader, dataset = create_dataloader(str(src), 64, 4, workers=0, nc=6, prefix="train: ")
+    loader, dataset = create_dataloader(str(src), LoaderOptions(64, 4, workers=0, nc=6, prefix="train: "))
     label_file = str(tmp_path / "labels" / "train" / "bad.txt")
     expect = {1: "malformed", 2: "malformed", 4: "duplicate of line 3", 5: "class 9 out of range",
               6: "class -1 out of range", 7: "degenerate", 8: "outside the image", 9: "clipped"}
@@ -231,10 +231,10 @@ def test_no_usable_image_is_a_user_error(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.jpg").write_bytes(b"garbage")
     with pytest.raises(UserError, match="no usable image"):
-        create_dataloader(str(tmp_path / "images"), 64, 2, workers=0)
+        create_dataloader(str(tmp_path / "images"), LoaderOptions(64, 2, workers=0))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images found"):
-        create_dataloader(str(tmp_path / "empty"), 64, 2, workers=0)
+        create_dataloader(str(tmp_path / "empty"), LoaderOptions(64, 2, workers=0))
 
 
 # ---------------------------------------------------------------- label cache
@@ -243,12 +243,12 @@ def test_no_usable_image_is_a_user_error(tmp_path):
 def test_label_cache_reused_and_invalidated(tmp_path, log_lines):
     src = painted_set(tmp_path)
     (tmp_path / "labels" / "train" / "im2.txt").write_text("4 0.5 0.5 0.5 0.5\n7 0.5 0.5 0.1 0.1\n")
-    create_dataloader(str(src), 64, 2, workers=0, nc=6, prefix="t: ")
+    create_dataloader(str(src), LoaderOptions(64, 2, workers=0, nc=6, prefix="t: "))
     cache = tmp_path / "labels" / "train.cache"
     assert cache.is_file()
     first_lines = list(log_lines)
     log_lines.clear()
-    _, dataset = create_dataloader(str(src), 64, 2, workers=0, nc=6, prefix="t: ")
+    _, dataset = create_dataloader(str(src), LoaderOptions(64, 2, workers=0, nc=6, prefix="t: "))
     assert any(line.endswith("(from cache)") for line in log_lines)
     # The problems are reported again from the cache, once each.
     assert [m for m in log_lines if "class 7" in m] == [m for m in first_lines if "class 7" in m]
@@ -258,12 +258,12 @@ def test_label_cache_reused_and_invalidated(tmp_path, log_lines):
     label.write_text("4 0.5 0.5 0.5 0.5\n4 0.2 0.2 0.1 0.1\n")
     os.utime(label, ns=(label.stat().st_mtime_ns + 10**9,) * 2)
     log_lines.clear()
-    _, dataset = create_dataloader(str(src), 64, 2, workers=0, nc=6, prefix="t: ")
+    _, dataset = create_dataloader(str(src), LoaderOptions(64, 2, workers=0, nc=6, prefix="t: "))
     assert not any("(from cache)" in line for line in log_lines)
     assert len(dataset.labels[2]) == 2
     # A different nc changes which labels are valid: the cache must not be reused.
     log_lines.clear()
-    create_dataloader(str(src), 64, 2, workers=0, nc=4, prefix="t: ")
+    create_dataloader(str(src), LoaderOptions(64, 2, workers=0, nc=4, prefix="t: "))
     assert not any("(from cache)" in line for line in log_lines)
 
 
@@ -275,7 +275,7 @@ def test_unwritable_cache_folder_only_warns(tmp_path, log_lines, monkeypatch):
     blocker = cache.parent / f".{cache.name}.blocked.tmp"
     blocker.mkdir()
     monkeypatch.setattr(atomic, "temporary_name", lambda path: blocker)
-    _, dataset = create_dataloader(str(src), 64, 2, workers=0)
+    _, dataset = create_dataloader(str(src), LoaderOptions(64, 2, workers=0))
     assert len(dataset) == 4 and not cache.exists()
     assert any("label cache not written" in line for line in log_lines)
 
@@ -291,7 +291,7 @@ def test_img2label_path_rule():
 
 def test_batch_contract_and_rect_round_trip(tmp_path):
     src = painted_set(tmp_path)
-    loader, dataset = create_dataloader(str(src), 128, 2, stride=32, rect=True, workers=0, nc=6)
+    loader, dataset = create_dataloader(str(src), LoaderOptions(128, 2, stride=32, rect=True, workers=0, nc=6))
     assert all(len(lab) and lab.shape[1] == 5 for lab in dataset.labels)
     for imgs, targets, paths, shapes in loader:
         assert imgs.dtype == torch.uint8 and imgs.shape[1] == 3
@@ -313,7 +313,8 @@ def test_batch_contract_and_rect_round_trip(tmp_path):
 def test_augmented_batches_keep_boxes_on_pixels(tmp_path):
     src = painted_set(tmp_path)
     hyp = dict(NO_AUG, mosaic=1.0, translate=0.1, scale=0.3, fliplr=0.5, flipud=0.5)
-    loader, dataset = create_dataloader(str(src), 128, 4, hyp=hyp, augment=True, workers=0, shuffle=True, seed=1)
+    loader, dataset = create_dataloader(str(src), LoaderOptions(128, 4, hyp=hyp, augment=True, workers=0, shuffle=True,
+                                                                seed=1))
     for _ in range(2):
         for imgs, targets, _, shapes in loader:
             assert imgs.shape[2:] == (128, 128)
@@ -329,8 +330,8 @@ def test_seeded_loader_reproduces_batches(tmp_path):
                fliplr=0.5, degrees=10, erasing=0.5)
 
     def epochs(seed, workers=0, first_epoch=None, n=2):
-        loader, _ = create_dataloader(str(src), 96, 2, hyp=hyp, augment=True, workers=workers, shuffle=True,
-                                      seed=seed)
+        loader, _ = create_dataloader(str(src), LoaderOptions(96, 2, hyp=hyp, augment=True, workers=workers,
+                                                              shuffle=True, seed=seed))
         if first_epoch is not None:
             loader.sampler.set_epoch(first_epoch)
         return [[(b[0].clone(), b[1].clone(), b[2]) for b in loader] for _ in range(n)]
@@ -351,7 +352,7 @@ def test_close_mosaic_reaches_persistent_workers(tmp_path):
     specs = [(64, 64, [(k, 0, 0, 64, 64)]) for k in range(4)]
     src = painted_set(tmp_path, specs=specs)
     hyp = dict(NO_AUG, mosaic=1.0)
-    loader, _ = create_dataloader(str(src), 64, 4, hyp=hyp, augment=True, workers=1, shuffle=True)
+    loader, _ = create_dataloader(str(src), LoaderOptions(64, 4, hyp=hyp, augment=True, workers=1, shuffle=True))
     assert loader.persistent_workers
 
     def colours_per_image(batch_imgs):
@@ -367,23 +368,25 @@ def test_close_mosaic_reaches_persistent_workers(tmp_path):
 
 def test_ram_cache_and_gpu_augment_mode(tmp_path):
     src = painted_set(tmp_path)
-    plain, _ = create_dataloader(str(src), 96, 4, workers=0)
-    cached, dataset = create_dataloader(str(src), 96, 4, workers=0, cache="ram")
+    plain, _ = create_dataloader(str(src), LoaderOptions(96, 4, workers=0))
+    cached, dataset = create_dataloader(str(src), LoaderOptions(96, 4, workers=0, cache="ram"))
     assert all(im is not None for im in dataset.ims)
     a, b = next(iter(plain)), next(iter(cached))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # gpu_augment: augment=True but only the letterbox happens (the GPU does the rest).
     hyp = dict(NO_AUG, mosaic=1.0, hsv_v=0.9, fliplr=1.0, scale=0.5)
-    gpu, gpu_set = create_dataloader(str(src), 96, 4, hyp=hyp, augment=True, workers=0, gpu_augment=True)
+    gpu, gpu_set = create_dataloader(str(src), LoaderOptions(96, 4, hyp=hyp, augment=True, workers=0,
+                                                             gpu_augment=True))
     c = next(iter(gpu))
     assert not gpu_set.mosaic
     assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
     # Augmenting from the read-only RAM cache never writes into it, with or without mosaic.
     for mosaic in (0.0, 1.0):
         hyp = dict(NO_AUG, mosaic=mosaic, hsv_v=0.9, fliplr=1.0, erasing=1.0, translate=0.1)
-        aug_loader, aug_set = create_dataloader(str(src), 96, 4, hyp=hyp, augment=True, workers=0, cache="ram")
+        aug_loader, aug_set = create_dataloader(str(src), LoaderOptions(96, 4, hyp=hyp, augment=True, workers=0,
+                                                                        cache="ram"))
         before = [im.copy() for im in aug_set.ims]
         next(iter(aug_loader))
         assert all(np.array_equal(x, y) for x, y in zip(before, aug_set.ims))
     with pytest.raises(UserError, match="--cache"):
-        create_dataloader(str(src), 96, 4, workers=0, cache="disk")
+        create_dataloader(str(src), LoaderOptions(96, 4, workers=0, cache="disk"))

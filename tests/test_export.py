@@ -277,13 +277,15 @@ def test_val_and_detect_give_the_same_results_for_onnx_and_pt(weights, tmp_path)
     onnx_path = export_onnx(export.prepare_model(pt, torch.device("cpu")), tmp_path / "m.onnx", size, dynamic=True,
                             names=list(CLASS_NAMES))
     common = {"imgsz": size, "device": "cpu", "project": str(tmp_path / "runs"), "exist_ok": True}
-    metrics = [val.run(str(w), data=str(data), batch_size=2, workers=0, noplots=True, name=f"val-{w.suffix[1:]}",
-                       **common) for w in (pt, onnx_path)]
+    metrics = [val.run(val.ValOptions(str(w), data=str(data), batch_size=2, workers=0, noplots=True,
+                                      name=f"val-{w.suffix[1:]}", **common)) for w in (pt, onnx_path)]
     assert metrics[0]["images"] == metrics[1]["images"] == 4
     for key in ("precision", "recall", "map50", "map"):
         assert metrics[1][key] == pytest.approx(metrics[0][key], abs=1e-3), key
-    folders = [detect_dual.run(str(w), source=str(data.parent / "images" / "val"), save_txt=True, save_conf=True,
-                               nosave=True, name=f"detect-{w.suffix[1:]}", **common) for w in (pt, onnx_path)]
+    folders = [detect_dual.run(detect_dual.DetectOptions(str(w), source=str(data.parent / "images" / "val"),
+                                                         save_txt=True, save_conf=True, nosave=True,
+                                                         name=f"detect-{w.suffix[1:]}", **common))
+               for w in (pt, onnx_path)]
     labels = [_labels(f) for f in folders]
     assert labels[0].keys() == labels[1].keys() and sum(len(v) for v in labels[0].values()) > 0
     for stem, rows in labels[0].items():

@@ -461,8 +461,9 @@ def test_convert_once_then_val_gives_the_same_map(tmp_path, synthetic):
     raw = torch.load(ours, map_location="cpu", weights_only=True)  # plain data: no unpickler needed
     assert raw["names"] == list(CLASS_NAMES) and raw["extra"]["official_branch"] == "model"
     assert all(torch.equal(raw["state_dict"][k], v) for k, v in official.state_dict.items())
-    metrics = [val.run(weights=str(w), data=synthetic, imgsz=IMG, batch_size=4, workers=0, device="cpu",
-                       noplots=True, project=str(tmp_path / "val"), name=w.stem) for w in (official.path, ours)]
+    metrics = [val.run(val.ValOptions(weights=str(w), data=synthetic, imgsz=IMG, batch_size=4, workers=0,
+                                      device="cpu", noplots=True, project=str(tmp_path / "val"), name=w.stem))
+               for w in (official.path, ours)]
     for key in ("map", "map50", "precision", "recall"):
         assert metrics[0][key] == metrics[1][key], key
     assert metrics[0]["per_class"] == metrics[1]["per_class"]

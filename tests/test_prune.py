@@ -137,7 +137,7 @@ def test_pruned_checkpoint_round_trips(pruned, tmp_path):
 
 def test_prune_weights_then_onnx_matches_pytorch(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
-    from export import prepare_model
+    from utils.export.model import prepare_model
     from utils.export.onnx import export_onnx
 
     source = save_checkpoint(make_checkpoint(_model("yolov9-tiny"), half=False), tmp_path / "best.pt")

@@ -9,7 +9,7 @@ import pytest
 
 from utils.checkpoint.ours import load_checkpoint, load_model
 from utils.data.config import load_data_config
-from utils.data.dataset import create_dataloader
+from utils.data.dataset import LoaderOptions, create_dataloader
 from utils.eval.evaluator import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_shipped_teacher_loads_and_scores_what_readme_says(name):
     assert model.nc == 3 and list(model.names) == ["RBC", "WBC", "Platelets"]
     assert [int(s) for s in model.stride.tolist()] == [8, 16, 32]
     data = load_data_config(ROOT / "data" / "bccd.yaml")
-    loader, _ = create_dataloader(data["val"], IMG, 16, 32, rect=True, workers=0, nc=3)
+    loader, _ = create_dataloader(data["val"], LoaderOptions(IMG, 16, 32, rect=True, workers=0, nc=3))
     metrics = evaluate(model, loader, data["names"], progress=False)
     assert metrics["images"] == 87
     assert metrics["map"] == pytest.approx(VAL_MAP[name], abs=TOLERANCE)
@@ -79,7 +79,7 @@ def test_bf16_teacher_teaches_nearly_what_the_fp32_teacher_does():
     bf16 = load_teacher(path, names, torch.device("cpu"), torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     data = load_data_config(ROOT / "data" / "bccd.yaml")
-    loader, _ = create_dataloader(data["val"], IMG, 8, 32, rect=False, workers=0, nc=3)
+    loader, _ = create_dataloader(data["val"], LoaderOptions(IMG, 8, 32, rect=False, workers=0, nc=3))
     images = (next(iter(loader))[0].float() / 255).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         flat = [flatten_maps([m.float() for m in model(images.to(dtype))[1]])

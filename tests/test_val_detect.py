@@ -59,8 +59,9 @@ def test_letterbox_then_scale_boxes_recovers_boxes(shape, auto):
 
 
 def test_val_runs_and_returns_metrics(checkpoint, synthetic, tmp_path):
-    metrics = val.run(weights=str(checkpoint), data=str(synthetic), imgsz=IMG, batch_size=3, workers=0,
-                      project=str(tmp_path), name="v", save_json=True, save_txt=True, conf_thres=0.001)
+    metrics = val.run(val.ValOptions(weights=str(checkpoint), data=str(synthetic), imgsz=IMG, batch_size=3,
+                                     workers=0, project=str(tmp_path), name="v", save_json=True, save_txt=True,
+                                     conf_thres=0.001))
     assert METRIC_KEYS <= metrics.keys()
     assert metrics["images"] == 5 and metrics["instances"] > 0
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("precision", "recall", "map50", "map"))
@@ -99,8 +100,9 @@ def test_detect_folder_with_corrupt_image(checkpoint, synthetic, tmp_path, caplo
     cv2.imwrite(str(src / "a.jpg"), cv2.imread(str(images[1])))
     cv2.imwrite(str(src / "tall.png"), tall)
     (src / "broken.jpg").write_bytes(b"not a jpeg")
-    save_dir = detect_dual.run(weights=str(checkpoint), source=str(src), imgsz=IMG, conf_thres=0.0, max_det=5,
-                               project=str(tmp_path / "runs"), save_txt=True, save_conf=True, save_crop=True)
+    save_dir = detect_dual.run(detect_dual.DetectOptions(weights=str(checkpoint), source=str(src), imgsz=IMG,
+                                                         conf_thres=0.0, max_det=5, project=str(tmp_path / "runs"),
+                                                         save_txt=True, save_conf=True, save_crop=True))
     assert save_dir.name == "exp"
     assert sorted(p.name for p in save_dir.glob("*.*")) == ["a.jpg", "tall.png"]
     assert cv2.imread(str(save_dir / "tall.png")).shape == (90, 40, 3)  # written at the original size
@@ -108,8 +110,8 @@ def test_detect_folder_with_corrupt_image(checkpoint, synthetic, tmp_path, caplo
     assert 1 <= rows.shape[0] <= 5 and rows.shape[1] == 6 and rows[:, 1:5].min() >= 0 and rows[:, 1:5].max() <= 1
     assert any((save_dir / "crops").rglob("*.jpg"))
     assert "broken.jpg" in caplog.text
-    again = detect_dual.run(weights=str(checkpoint), source=str(src / "a.jpg"), imgsz=IMG,
-                            project=str(tmp_path / "runs"), nosave=True)
+    again = detect_dual.run(detect_dual.DetectOptions(weights=str(checkpoint), source=str(src / "a.jpg"), imgsz=IMG,
+                                                      project=str(tmp_path / "runs"), nosave=True))
     assert again.name == "exp2"
 
 
@@ -132,7 +134,7 @@ def test_sources_list_glob_video(tmp_path):
 
 
 def test_onnx_backend_matches_pt(checkpoint, tmp_path):
-    from export import prepare_model
+    from utils.export.model import prepare_model
     from utils.export.onnx import export_onnx
 
     model = prepare_model(str(checkpoint), torch.device("cpu"), half=False)

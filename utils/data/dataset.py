@@ -13,9 +13,11 @@ A batch is ``(imgs, targets, paths, shapes)``:
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,37 @@ def _resolve_cache(cache: Any) -> bool:
     raise UserError(f"--cache {cache!r} is not supported: use 'ram' or leave it out")
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How to load one split: what :func:`create_dataloader` and :class:`DetectionDataset` read.
+
+    ``img_size``: long side of a letterboxed image (px). ``batch_size``: images per batch (capped at the
+    split's size). ``stride``: rect batch shapes are multiples of it. ``hyp``: augmentation keys of a hyp
+    file (missing keys are off). ``augment``: CPU augmentation. ``cache``: ``'ram'`` (or True) keeps
+    decoded images in memory. ``rect``: rectangular batches (validation; not shuffled). ``workers``:
+    loader processes (capped at the cores less one). ``shuffle`` / ``seed``: sample order and every
+    sample's randomness (see :class:`EpochSampler`). ``nc``: labels with a class id outside [0, nc) are
+    dropped. ``gpu_augment``: letterbox only; ``utils.data.gpu_augment.GPUAugment`` does the rest.
+    ``distributed``: this process's share of each epoch (``torch.distributed`` initialised).
+    ``prefix``: start of the log lines (None: the source's folder name).
+    """
+
+    img_size: int = 640
+    batch_size: int = 16
+    stride: int = 32
+    hyp: dict | None = None
+    augment: bool = False
+    cache: Any = None
+    rect: bool = False
+    workers: int = 8
+    shuffle: bool = False
+    seed: int = 0
+    nc: int | None = None
+    gpu_augment: bool = False
+    distributed: bool = False
+    prefix: str | None = None
+
+
 class DetectionDataset(Dataset):
     """Images and YOLO labels of one split, letterboxed or augmented on the CPU.
 
@@ -63,17 +96,18 @@ class DetectionDataset(Dataset):
     and flips are left to ``utils.data.gpu_augment.GPUAugment``.
     """
 
-    def __init__(self, source: str | list[str], img_size: int = 640, batch_size: int = 16,
-                 stride: int = 32, hyp: dict | None = None, augment: bool = False, cache: Any = None,
-                 rect: bool = False, nc: int | None = None, gpu_augment: bool = False, seed: int = 0,
-                 prefix: str = "", workers: int = 8):
-        self.img_size = int(img_size)
-        self.stride = int(stride)
-        self.hyp = {k: float((hyp or {}).get(k, 0.0)) for k in AUG_KEYS}
-        self.gpu_augment = gpu_augment
-        self.augment = augment and not gpu_augment
+    def __init__(self, source: str | list[str], options: LoaderOptions) -> None:
+        """``options.workers`` here is the number of threads that check labels and fill the RAM cache;
+        ``options.prefix`` of None logs without a prefix."""
+        prefix = options.prefix or ""
+        workers, rect = options.workers, options.rect
+        self.img_size = int(options.img_size)
+        self.stride = int(options.stride)
+        self.hyp = {k: float((options.hyp or {}).get(k, 0.0)) for k in AUG_KEYS}
+        self.gpu_augment = options.gpu_augment
+        self.augment = options.augment and not options.gpu_augment
         self.rect = rect
-        self.seed = int(seed) % SEED_MODULUS
+        self.seed = int(options.seed) % SEED_MODULUS
         # Shared memory, so that close_mosaic() also reaches persistent worker processes.
         mosaic_on = self.augment and not rect and self.hyp["mosaic"] > 0
         self._mosaic_on = multiprocessing.RawValue("b", int(mosaic_on))
@@ -81,7 +115,7 @@ class DetectionDataset(Dataset):
         found = list_image_files(source)
         if not found:
             raise UserError(f"{prefix}no images found in {source}")
-        checked = load_labels(found, nc, prefix=prefix, workers=workers)
+        checked = load_labels(found, options.nc, prefix=prefix, workers=workers)
         self.im_files = checked.im_files
         self.labels = checked.labels
         self.shapes = np.asarray(checked.shapes, dtype=np.int64).reshape(-1, 2)
@@ -91,9 +125,9 @@ class DetectionDataset(Dataset):
         self.batch_shapes = None
         self.batch_index = None
         if rect:
-            self._init_rect(batch_size)
+            self._init_rect(options.batch_size)
         self.ims: list[np.ndarray | None] = [None] * len(self.im_files)
-        if _resolve_cache(cache):
+        if _resolve_cache(options.cache):
             self._cache_ram(workers, prefix)
 
     def _init_rect(self, batch_size: int) -> None:
@@ -284,45 +318,37 @@ class EpochSampler(Sampler):
         return iter([(epoch, int(k)) for k in order])
 
 
-def create_dataloader(source: str | list[str], img_size: int, batch_size: int, stride: int = 32,
-                      hyp: dict | None = None, augment: bool = False, cache: Any = None,
-                      rect: bool = False, workers: int = 8, shuffle: bool = False, seed: int = 0,
-                      nc: int | None = None, gpu_augment: bool = False, distributed: bool = False,
-                      prefix: str | None = None) -> tuple[DataLoader, DetectionDataset]:
+def create_dataloader(source: str | list[str], options: LoaderOptions) -> tuple[DataLoader, DetectionDataset]:
     """Build a :class:`DetectionDataset` and its DataLoader (persistent workers, seeded order and
-    augmentation: see :class:`EpochSampler`).
+    augmentation: see :class:`EpochSampler`) as ``options`` say (:class:`LoaderOptions`).
 
-    ``source``: folder(s) / list file(s) of images (as in data.yaml). ``hyp``: augmentation keys
-    of a hyp file (missing keys are off). ``cache='ram'`` keeps decoded images in memory.
-    ``rect``: rectangular batches (validation; not shuffled). ``nc``: labels with a class id
-    outside [0, nc) are dropped. ``distributed``: this process's share of each epoch (needs
-    ``torch.distributed`` initialised). ``prefix``: start of the log lines (default: the source's folder name).
-    Returns ``(loader, dataset)``.
+    ``source``: folder(s) / list file(s) of images (as in data.yaml). Returns ``(loader, dataset)``.
     """
+    prefix = options.prefix
     if prefix is None:
         first = source[0] if isinstance(source, (list, tuple)) and source else source
         prefix = f"{Path(str(first)).stem}: "
-    if rect and distributed:
+    if options.rect and options.distributed:
         raise UserError("rect batches need the whole split in order: validate on one process, not distributed")
-    if rect and shuffle:
+    shuffle = options.shuffle
+    if options.rect and shuffle:
         LOGGER.warning(f"{prefix}rect batches cannot be shuffled; shuffle turned off")
         shuffle = False
     # leave one core to the training process: its compute threads stall when workers take every core
     # (measured 8x slower epochs with 2 workers on 2 cores)
-    workers = max(0, min(int(workers), (os.cpu_count() or 1) - 1))
+    workers = max(0, min(int(options.workers), (os.cpu_count() or 1) - 1))
     if workers:
         # workers inherit this before they fork: one OpenCV thread each instead of a pool per worker.
         # (Calling it inside a forked worker can deadlock, so it is set here.)
         cv2.setNumThreads(0)
     rank, replicas = 0, 1
-    if distributed:
+    if options.distributed:
         if not torch.distributed.is_initialized():
             raise RuntimeError("create_dataloader(distributed=True) needs torch.distributed initialised first")
         rank, replicas = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    dataset = DetectionDataset(source, img_size, batch_size, stride, hyp, augment, cache, rect, nc,
-                               gpu_augment, seed, prefix, workers)
-    batch_size = min(batch_size, len(dataset))
-    sampler = EpochSampler(len(dataset), shuffle, seed, rank, replicas)
+    dataset = DetectionDataset(source, dataclasses.replace(options, shuffle=shuffle, workers=workers, prefix=prefix))
+    batch_size = min(options.batch_size, len(dataset))
+    sampler = EpochSampler(len(dataset), shuffle, options.seed, rank, replicas)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), collate_fn=DetectionDataset.collate_fn,
                         persistent_workers=workers > 0, worker_init_fn=_single_thread_worker)

@@ -24,7 +24,7 @@ from utils.core.errors import UserError
 from utils.core.log import LOGGER
 from utils.core.paths import increment_path
 from utils.data.config import load_data_config
-from utils.data.dataset import close_mosaic, create_dataloader
+from utils.data.dataset import LoaderOptions, close_mosaic, create_dataloader
 from utils.distill import DistillConfig, DistillStudent
 from utils.engine.ema import DEFAULT_DECAY, DEFAULT_TAU, ModelEMA, ema_choice
 from utils.engine.optim import (AUTO, NOMINAL_BATCH, accumulate_steps, apply_warmup, auto_nominal_batch,
@@ -141,10 +141,10 @@ class Trainer:
     def _build_data(self) -> None:
         opt, world = self.opt, self.dist.world_size
         stride = max(int(self.model.stride.max()), 32)
-        self.train_loader, self.train_set = create_dataloader(
-            self.data["train"], opt.img, opt.batch // world, stride, hyp=self.hyp, augment=True, cache=opt.cache,
+        self.train_loader, self.train_set = create_dataloader(self.data["train"], LoaderOptions(
+            img_size=opt.img, batch_size=opt.batch // world, stride=stride, hyp=self.hyp, augment=True, cache=opt.cache,
             workers=opt.workers, shuffle=True, seed=opt.seed, nc=self.data["nc"], gpu_augment=opt.gpu_augment,
-            distributed=self.dist.distributed)
+            distributed=self.dist.distributed))
         self.gpu_augment = None
         if opt.gpu_augment:
             from utils.data.gpu_augment import GPUAugment
@@ -152,9 +152,9 @@ class Trainer:
             self.gpu_augment = GPUAugment(self.hyp, opt.img, seed=opt.seed + self.dist.rank)
         self.val_loader = None
         if self.dist.is_main and self.data.get("val"):
-            self.val_loader, _ = create_dataloader(
-                self.data["val"], opt.img, max(opt.batch // world * 2, 1), stride, hyp=self.hyp, augment=False,
-                cache=opt.cache, rect=True, workers=opt.workers, shuffle=False, seed=opt.seed, nc=self.data["nc"])
+            self.val_loader, _ = create_dataloader(self.data["val"], LoaderOptions(
+                img_size=opt.img, batch_size=max(opt.batch // world * 2, 1), stride=stride, hyp=self.hyp, augment=False,
+                cache=opt.cache, rect=True, workers=opt.workers, shuffle=False, seed=opt.seed, nc=self.data["nc"]))
 
     def _check_resumed_teacher(self) -> None:
         """A resumed distillation must go on with the teacher it started with (same bytes)."""

@@ -16,6 +16,7 @@ import torch
 
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
+from utils.export.ort_session import ort_session
 from utils.export.trt_runtime import cuda_object, load_tensorrt
 from utils.ops.boxes import xyxy2xywh
 
@@ -128,19 +129,12 @@ class OnnxBackend(Backend):
 
     def __init__(self, weights: Path, device: torch.device, half: bool = False) -> None:
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401  (only to tell a missing package from a bad file)
         except ImportError:
             raise UserError(f"--weights {weights}: ONNX Runtime is not installed: pip install onnxruntime "
                             "(or onnxruntime-gpu)") from None
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-        elif device.type == "cuda":
-            LOGGER.warning("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu); running on CPU")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: the shape-inference notes are noise for users
         try:
-            self.session = ort.InferenceSession(str(weights), sess_options=options, providers=providers)
+            self.session = ort_session(weights, device)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
             if "EfficientNMS" in str(exc):
                 raise UserError(f"--weights {weights} holds TensorRT's EfficientNMS plugin, which ONNX Runtime cannot "

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from models.heads import main_output
+from utils.core.options import settings_or_fields
 from utils.ops.boxes import xywh2xyxy
 
 DEFAULT_OPSET = 17
@@ -54,6 +57,50 @@ FP16_QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear take FP16 inputs and scal
 FLOAT16_TYPE = 10  # onnx.TensorProto.FLOAT16
 NMS_INPUT = "preds"
 NMS_EXAMPLE_ANCHORS = 64  # anchors of the example input when the NMS is traced alone (the axis is dynamic)
+
+
+@dataclass(frozen=True)
+class OnnxSettings:
+    """How :func:`export_onnx` writes a graph.
+
+    ``batch``: batch size of the example input (the fixed batch of a static export). ``opset``: ONNX opset
+    (at least ``MIN_OPSET``). ``dynamic``: symbolic batch, height and width axes (not with ``int8``).
+    ``simplify``: run onnxslim over the graph (after the precision conversion). ``precision``: ``'fp32'``;
+    ``'fp16'`` (FP16 convs, FP32 decode, see :mod:`utils.export.precision`); ``'int8'`` (INT8 Q/DQ on every
+    conv input, the rest FP32, see :mod:`utils.export.quantize`); ``'int8-fp16'`` (both: Q/DQ and FP16 in
+    between, opset >= ``FP16_QDQ_OPSET``). ``fp16_io``: FP16 input (and plain output) instead of FP32, for
+    ``fp16``/``int8-fp16``. ``calibration``: ``utils.export.quantize.CalibrationSettings`` for the INT8
+    precisions. ``transpose``: plain output ``[B, A, 4 + nc]`` instead of ``[B, 4 + nc, A]``. ``end2end``:
+    None, ``'trt'`` or ``'ort'``: NMS inside the graph (see the module docstring); with a reduced precision
+    it is appended after the conversion and stays FP32. ``max_det`` / ``iou_thres`` / ``conf_thres``: the
+    end-to-end NMS settings. ``names`` / ``stride``: stored in the metadata.
+    """
+
+    batch: int = 1
+    opset: int = DEFAULT_OPSET
+    dynamic: bool = False
+    simplify: bool = False
+    precision: str = "fp32"
+    fp16_io: bool = False
+    calibration: Any = None
+    transpose: bool = False
+    end2end: str | None = None
+    max_det: int = 100
+    iou_thres: float = 0.45
+    conf_thres: float = 0.25
+    names: list[str] | None = None
+    stride: int = 32
+
+    def check(self) -> None:
+        """ValueError for settings that cannot work together."""
+        if self.opset < MIN_OPSET:
+            raise ValueError(f"opset {self.opset} is too old; use {MIN_OPSET} or newer")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.precision.startswith("int8") and self.dynamic:
+            raise ValueError("INT8 calibration needs fixed shapes (not dynamic)")
+        if self.precision == "int8-fp16" and self.opset < FP16_QDQ_OPSET:
+            raise ValueError(f"FP16 Q/DQ scales need opset {FP16_QDQ_OPSET} or newer, not {self.opset}")
 
 
 class ExportHead(nn.Module):
@@ -224,15 +271,17 @@ def _trace_to_proto(wrapper: nn.Module, images: torch.Tensor, opset: int, output
         return onnx.load(str(path))
 
 
-def _nms_graph(kind: str, nc: int, batch: int, opset: int, dynamic: bool, max_det: int, iou_thres: float,
-               conf_thres: float):
-    """The end-to-end NMS alone (input ``preds [B, 4 + nc, A]`` FP32), to be appended to a typed graph."""
-    wrapper = EndToEnd(nn.Identity(), kind, max_det, iou_thres, conf_thres).eval()
-    preds = torch.rand(batch, 4 + nc, NMS_EXAMPLE_ANCHORS)
+def _nms_graph(nc: int, settings: OnnxSettings):
+    """The end-to-end NMS of ``settings.end2end`` alone (input ``preds [batch, 4 + nc, A]`` FP32), to be
+    appended to a typed graph."""
+    kind = settings.end2end
+    wrapper = EndToEnd(nn.Identity(), kind, settings.max_det, settings.iou_thres, settings.conf_thres).eval()
+    preds = torch.rand(settings.batch, 4 + nc, NMS_EXAMPLE_ANCHORS)
     outputs = list(TRT_OUTPUTS) if kind == "trt" else [ORT_OUTPUT]
+    dynamic = settings.dynamic
     axes = {name: dims for name, dims in _dynamic_axes(kind, False).items() if name != INPUT_NAME} if dynamic else {}
     axes[NMS_INPUT] = {0: "batch", 2: "anchors"} if dynamic else {2: "anchors"}
-    return _trace_to_proto(wrapper, preds, opset, outputs, axes, input_name=NMS_INPUT)
+    return _trace_to_proto(wrapper, preds, settings.opset, outputs, axes, input_name=NMS_INPUT)
 
 
 def _append_nms(graph, nms):
@@ -244,100 +293,84 @@ def _append_nms(graph, nms):
     return onnx.compose.merge_models(graph, nms, io_map=[(PLAIN_OUTPUT, NMS_INPUT)])
 
 
-def _typed_graph(model: nn.Module, images: torch.Tensor, opset: int, precision: str, dynamic: bool, simplify: bool,
-                 transpose: bool, end2end: str | None, fp16_io: bool, calibration, nms: dict):
+def _fp32_graph(model: nn.Module, images: torch.Tensor, settings: OnnxSettings):
+    """Trace the FP32 graph: the plain output, or with the end-to-end NMS inside."""
+    end2end = settings.end2end
+    if end2end:
+        wrapper: nn.Module = EndToEnd(model, end2end, settings.max_det, settings.iou_thres, settings.conf_thres)
+        outputs = list(TRT_OUTPUTS) if end2end == "trt" else [ORT_OUTPUT]
+    else:
+        wrapper, outputs = ExportHead(model, transpose=settings.transpose), [PLAIN_OUTPUT]
+    graph = _trace_to_proto(wrapper.eval(), images, settings.opset, outputs,
+                            _dynamic_axes(end2end, settings.transpose) if settings.dynamic else None)
+    if settings.simplify:
+        import onnxslim
+
+        graph = onnxslim.slim(graph)
+    return graph
+
+
+def _typed_graph(model: nn.Module, images: torch.Tensor, settings: OnnxSettings):
     """Trace the FP32 plain graph, give it its precision (FP16 / INT8 Q/DQ), then append the NMS."""
-    from utils.export import precision as onnx_precision  # the name precision is a parameter here
+    from utils.export import precision as onnx_precision
     from utils.export.quantize import quantize_int8
 
+    precision, end2end = settings.precision, settings.end2end
     head_index = int(model.head.i)
-    axes = _dynamic_axes(None, transpose and not end2end) if dynamic else None
-    graph = _trace_to_proto(ExportHead(model, transpose=transpose and not end2end), images, opset, [PLAIN_OUTPUT],
-                            axes)
+    transpose = settings.transpose and not end2end
+    axes = _dynamic_axes(None, transpose) if settings.dynamic else None
+    graph = _trace_to_proto(ExportHead(model, transpose=transpose), images, settings.opset, [PLAIN_OUTPUT], axes)
     if precision.startswith("int8"):
-        if calibration is None:
+        if settings.calibration is None:
             raise ValueError("an INT8 export needs calibration settings")
-        graph = quantize_int8(graph, head_index, calibration, stride=int(model.stride.max()))
+        graph = quantize_int8(graph, head_index, settings.calibration, stride=int(model.stride.max()))
     if precision in ("fp16", "int8-fp16"):
         graph = onnx_precision.to_fp16(graph, onnx_precision.keep_fp32_nodes(graph.graph, head_index))
-        if fp16_io:
+        if settings.fp16_io:
             onnx_precision.fp16_input(graph)
             if not end2end:  # the NMS outputs are FP32 by the plugin's / operator's contract
                 onnx_precision.fp16_output(graph)
-    if simplify:  # after the conversion: onnxconverter-common cannot convert some of onnxslim's rewrites
+    if settings.simplify:  # after the conversion: onnxconverter-common cannot convert some of onnxslim's rewrites
         import onnxslim
 
         graph = onnxslim.slim(graph)
     if end2end:
-        graph = _append_nms(graph, _nms_graph(end2end, model.head.nc, images.shape[0], opset, dynamic, **nms))
+        graph = _append_nms(graph, _nms_graph(model.head.nc, settings))
     return graph
 
 
-def export_onnx(model: nn.Module, path: str | Path, img_size: int | tuple[int, int], *, batch: int = 1,
-                opset: int = DEFAULT_OPSET, dynamic: bool = False, simplify: bool = False, precision: str = "fp32",
-                fp16_io: bool = False, calibration=None, transpose: bool = False, end2end: str | None = None,
-                max_det: int = 100, iou_thres: float = 0.45, conf_thres: float = 0.25,
-                names: list[str] | None = None, stride: int = 32) -> Path:
+def export_onnx(model: nn.Module, path: str | Path, img_size: int | tuple[int, int],
+                settings: OnnxSettings | None = None, **fields: Any) -> Path:
     """Write ``model`` to ``path`` as ONNX and check the result.
 
     Args:
         model: a DetectionModel already fused, in eval mode, ``head.export = True`` (see
-            ``export.prepare_model``), FP32.
+            ``utils.export.model.prepare_model``), FP32.
         path: output ``.onnx`` file.
-        img_size: input ``(height, width)`` or one side; multiples of ``stride``.
-        batch: batch size of the example input (the fixed batch of a static export).
-        dynamic: symbolic batch, height and width axes (not with ``int8``).
-        precision: ``'fp32'``; ``'fp16'`` (FP16 convs, FP32 decode, see :mod:`utils.export.precision`);
-            ``'int8'`` (INT8 Q/DQ on every conv input, the rest FP32, see :mod:`utils.export.quantize`);
-            ``'int8-fp16'`` (both: Q/DQ and FP16 in between, opset >= ``FP16_QDQ_OPSET``).
-        fp16_io: FP16 input (and plain output) instead of FP32, for ``fp16``/``int8-fp16``.
-        calibration: ``utils.export.quantize.CalibrationSettings`` for the INT8 precisions.
-        simplify: run onnxslim over the graph (before the precision conversion).
-        transpose: plain output ``[B, A, 4 + nc]`` instead of ``[B, 4 + nc, A]``.
-        end2end: None, ``'trt'`` or ``'ort'``: NMS inside the graph (see the module docstring); with a
-            reduced precision it is appended after the conversion and stays FP32.
-        max_det / iou_thres / conf_thres: the end-to-end NMS settings.
-        names / stride: stored in the metadata.
+        img_size: input ``(height, width)`` or one side; multiples of ``settings.stride``.
+        settings: an :class:`OnnxSettings`, or its fields as keywords (``names=..., dynamic=True``).
 
     Returns:
         ``path``. The model is checked with ``onnx.checker`` (the plugin graph only structurally:
-        the checker does not know the ``TRT`` domain).
+        the checker does not know the ``TRT`` domain). Raises ValueError for settings that cannot work
+        together.
     """
     import onnx
 
-    if opset < MIN_OPSET:
-        raise ValueError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision.startswith("int8") and dynamic:
-        raise ValueError("INT8 calibration needs fixed shapes (not dynamic)")
-    if precision == "int8-fp16" and opset < FP16_QDQ_OPSET:
-        raise ValueError(f"FP16 Q/DQ scales need opset {FP16_QDQ_OPSET} or newer, not {opset}")
+    settings = settings_or_fields(OnnxSettings, settings, fields)
+    settings.check()
     path = Path(path)
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     device = next(model.parameters()).device
-    images = torch.zeros(batch, 3, height, width, device=device)
-    layout = LAYOUTS[end2end] if end2end else LAYOUTS["transpose" if transpose else "plain"]
-    if precision == "fp32":
-        if end2end:
-            wrapper: nn.Module = EndToEnd(model, end2end, max_det, iou_thres, conf_thres)
-            outputs = list(TRT_OUTPUTS) if end2end == "trt" else [ORT_OUTPUT]
-        else:
-            wrapper, outputs = ExportHead(model, transpose=transpose), [PLAIN_OUTPUT]
-        graph = _trace_to_proto(wrapper.eval(), images, opset, outputs,
-                                _dynamic_axes(end2end, transpose) if dynamic else None)
-        if simplify:
-            import onnxslim
-
-            graph = onnxslim.slim(graph)
-    else:
-        nms = {"max_det": max_det, "iou_thres": iou_thres, "conf_thres": conf_thres}
-        graph = _typed_graph(model, images, opset, precision, dynamic, simplify, transpose, end2end, fp16_io,
-                             calibration, nms)
+    images = torch.zeros(settings.batch, 3, height, width, device=device)
+    end2end, names = settings.end2end, list(settings.names or [])
+    layout = LAYOUTS[end2end] if end2end else LAYOUTS["transpose" if settings.transpose else "plain"]
+    graph = (_fp32_graph(model, images, settings) if settings.precision == "fp32"
+             else _typed_graph(model, images, settings))
     io_dtype = "float16" if graph.graph.input[0].type.tensor_type.elem_type == FLOAT16_TYPE else "float32"
-    metadata = {"names": json.dumps(list(names or [])), "stride": str(int(stride)),
-                "imgsz": json.dumps([height, width]), "nc": str(len(names or [])), "layout": layout,
-                "precision": precision, "io_dtype": io_dtype, "producer": PRODUCER}
+    metadata = {"names": json.dumps(names), "stride": str(int(settings.stride)),
+                "imgsz": json.dumps([height, width]), "nc": str(len(names)), "layout": layout,
+                "precision": settings.precision, "io_dtype": io_dtype, "producer": PRODUCER}
     del graph.metadata_props[:]
     for key, value in metadata.items():
         graph.metadata_props.add(key=key, value=value)

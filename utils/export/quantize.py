@@ -73,10 +73,10 @@ class LetterboxReader:
     """
 
     def __init__(self, images: list[str], img_size: int, batch: int, input_name: str, stride: int = 32) -> None:
-        from utils.data.dataset import create_dataloader
+        from utils.data.dataset import LoaderOptions, create_dataloader
 
-        _, self.dataset = create_dataloader(list(images), img_size, batch, stride=stride, workers=0,
-                                            prefix="calibration: ")
+        _, self.dataset = create_dataloader(list(images), LoaderOptions(img_size, batch, stride=stride, workers=0,
+                                                                        prefix="calibration: "))
         self.batch, self.input_name = batch, input_name
         self.count = (len(self.dataset) // batch) * batch
         self.position, self.end = 0, self.count // batch  # in batches
