@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import cpu_name
+from utils.core.errors import ArgumentParser, cli_main
 from export import prepare_model
 from models.info import count_params, gflops
 from models.yolo import DetectionModel
@@ -43,7 +44,7 @@ MS = 1e3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--models", nargs="+", default=[*TEACHERS, *STUDENTS], help="model yamls; the first is the reference")
     add("--img", type=int, default=640, help="square input size")
@@ -163,6 +164,7 @@ def markdown(records: list[dict], info: dict, opt: argparse.Namespace) -> str:
     return "\n".join([*lines, "", machine, settings, command])
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> list[dict]:
     opt = parse_args(argv)
     torch.set_num_threads(opt.threads)

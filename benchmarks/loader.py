@@ -38,7 +38,7 @@ import yaml
 
 from benchmarks.common import bccd_data
 from utils.core.device import select_device
-from utils.core.errors import UserError, cli_main
+from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
 from utils.data.config import load_data_config
 from utils.data.dataset import create_dataloader
@@ -55,7 +55,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, list, list]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="bccd", help="bccd, synthetic or a data.yaml (its train split)")
     parser.add_argument("--synthetic", action="store_true", help="same as --data synthetic")
     parser.add_argument("--hyp", default=str(DEFAULT_HYP), help="augmentation hyper-parameters")
