@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import cpu_name
+from benchmarks.harness.machine import cpu_name
 from utils.core.errors import ArgumentParser, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]

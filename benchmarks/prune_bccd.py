@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latency import machine_info, machine_line, time_onnxruntime
+from benchmarks.harness.machine import machine_info
+from benchmarks.latency import machine_line, time_onnxruntime
 from export import prepare_model
 from models.info import count_params, gflops
 from utils.core.errors import ArgumentParser, cli_main
