@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import importlib
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -30,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from benchmarks.harness.machine import cpu_name, machine_info  # noqa: F401  (re-exported to the benchmarks)
 from utils.core.atomic import atomic_write_text
 from utils.core.errors import ArgumentParser, UserError
 from utils.core.log import LOGGER
@@ -425,30 +424,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: str = "") -> dict:
-    """GPU (or 'none'), CPU model and count, torch and Python versions, and the date."""
-    from utils.core.device import select_device
-
-    gpu = "none"
-    if torch.cuda.is_available() and device != "cpu":
-        selected = select_device(device)
-        gpu = torch.cuda.get_device_name(selected) if selected.type == "cuda" else "none"
-    return {"gpu": gpu, "cpu": cpu_name(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 def command_line(module: str, argv: Sequence[str] | None) -> str:

@@ -45,9 +45,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # started as `python benchmarks/gpu_proof.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks.common import ROOT, RUNS_DIR, fmt, markdown_table, model_cfg, write_results
 from benchmarks.gpu_proof_steps import PREPARE, STEP_NAMES, STEPS, Context, Step, step_file
 from utils.core.atomic import atomic_write_text

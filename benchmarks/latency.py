@@ -15,10 +15,7 @@ Params and GFLOPs are those of the exported (reparameterized, fused) inference m
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import cpu_name
+from benchmarks.harness.machine import NO_GPU, machine_info
 from models.info import count_params, gflops
 from models.yolo import DetectionModel
 from utils.checkpoint.ours import make_checkpoint, save_checkpoint
+from utils.core.errors import ArgumentParser, cli_main
 from utils.export.model import prepare_model
 from utils.export.onnx import export_onnx
 from utils.export.ort_session import ort_session
@@ -44,7 +42,7 @@ MS = 1e3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--models", nargs="+", default=[*TEACHERS, *STUDENTS], help="model yamls; the first is the reference")
     add("--img", type=int, default=640, help="square input size")
@@ -56,20 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def machine_info() -> dict:
-    """CPU model, cores, GPU (if any), library versions, date."""
-    import onnxruntime
-
-    return {"cpu": cpu_name(), "cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-
-
 def machine_line(info: dict) -> str:
-    """The ``Machine:`` line under a latency table (from :func:`machine_info`)."""
-    gpu = f", GPU {info['gpu']}" if info["gpu"] else ""
-    return (f"Machine: {info['cpu']}, {info['cores']} cores{gpu}; onnxruntime {info['onnxruntime']}, "
+    """The ``Machine:`` line under a latency table (from :func:`benchmarks.harness.machine.machine_info`)."""
+    gpu = f", GPU {info['gpu']}" if info["gpu"] != NO_GPU else ""
+    return (f"Machine: {info['cpu']}, {info['cpus']} cores{gpu}; onnxruntime {info['onnxruntime']}, "
             f"torch {info['torch']}; {info['date']}.")
 
 
@@ -155,6 +143,7 @@ def markdown(records: list[dict], info: dict, opt: argparse.Namespace) -> str:
     return "\n".join([*lines, "", machine, settings, command])
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> list[dict]:
     opt = parse_args(argv)
     torch.set_num_threads(opt.threads)

@@ -21,11 +21,9 @@ table with the machine and the date; ``--out`` also writes it as JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,8 +35,9 @@ import torch
 import yaml
 
 from benchmarks.common import bccd_data
+from benchmarks.harness.machine import machine_info
 from utils.core.device import select_device
-from utils.core.errors import UserError, cli_main
+from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
 from utils.data.config import load_data_config
 from utils.data.dataset import LoaderOptions, create_dataloader
@@ -55,7 +54,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, list, list]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="bccd", help="bccd, synthetic or a data.yaml (its train split)")
     parser.add_argument("--synthetic", action="store_true", help="same as --data synthetic")
     parser.add_argument("--hyp", default=str(DEFAULT_HYP), help="augmentation hyper-parameters")
@@ -173,13 +172,6 @@ def run_modes(opt: argparse.Namespace, source: str | list[str], hyp: dict, devic
                                 images_s=rate, setup_s=0.0))
             LOGGER.info(f"(d) GPUAugment alone: {rate:.1f} images/s")
     return results
-
-
-def machine_info(device: torch.device) -> dict:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return dict(cpus=os.cpu_count(), cpu=platform.processor() or platform.machine(), gpu=gpu,
-                torch=torch.__version__, python=platform.python_version(),
-                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
 def markdown(results: list[dict], info: dict, settings: dict) -> str:

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import cpu_name
+from benchmarks.harness.machine import cpu_name
+from utils.core.errors import ArgumentParser, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BCCD = ROOT / "data" / "bccd"  # bundled in the repository
@@ -127,7 +128,7 @@ def ours(dets, labels) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=str(BCCD), help="BCCD (Pascal VOC layout)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--weights", default="", help="take predictions from this model instead of jittered labels")
@@ -139,10 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     opt = parse_args(argv)
-    if str(ROOT) not in sys.path:  # run as a script from anywhere: the project's packages first
-        sys.path.insert(0, str(ROOT))
     from utils.eval.coco import CocoJsonWriter, coco_evaluate
 
     torch.set_num_threads(opt.threads)

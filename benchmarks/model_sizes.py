@@ -7,7 +7,6 @@ weights included), GFLOPs of the unfused model.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 from pathlib import Path
@@ -16,14 +15,16 @@ import torch
 
 from models.info import count_params, gflops
 from models.yolo import DetectionModel
+from utils.core.errors import ArgumentParser, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("gelan-s", "gelan-t", "yolov9-s", "yolov9-tiny", "yolov9-tiny-1.0x", "mobilenetv3-small",
                   "yolov5s-af")
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--nc", nargs="+", type=int, default=[80, 3])
     parser.add_argument("--img", type=int, default=640)

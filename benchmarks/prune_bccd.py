@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latency import machine_info, machine_line, time_onnxruntime
+from benchmarks.harness.machine import machine_info
+from benchmarks.latency import machine_line, time_onnxruntime
 from models.info import count_params, gflops
+from utils.core.errors import ArgumentParser, cli_main
 from utils.export.model import prepare_model
 from utils.export.onnx import export_onnx
 
@@ -37,7 +39,7 @@ MEGA = 1e6
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--weights", required=True, help="the distilled student (e.g. yolov9-tiny best.pt)")
     add("--teacher", required=True, help="the teacher of the distillation (for the teacher-guided fine-tune)")
@@ -129,6 +131,7 @@ def markdown(rows: list[dict], info: dict, opt: argparse.Namespace) -> str:
     return "\n".join([*lines, "", machine, settings, command])
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> list[dict]:
     opt = parse_args(argv)
     torch.set_num_threads(opt.threads)

@@ -25,14 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # started as `python benchmarks/teacher_speed.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from benchmarks.common import command_line, fmt, machine_info, markdown_table, report_header, write_results
 from utils.checkpoint.ours import load_model
-from utils.core.errors import UserError, cli_main
+from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
 from utils.engine.setup import load_teacher
 
@@ -42,7 +39,7 @@ BF16 = "folded, channels-last, bf16 (train_distill.py, bf16)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--teacher", default="weights/gelan-s-bccd256-e160.pt", help="teacher checkpoint")
     add("--img", type=int, default=256, help="square input size")

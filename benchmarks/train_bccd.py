@@ -17,9 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # started as `python benchmarks/train_bccd.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, fmt,
                                fmt_spread, hyp_file, machine_info, markdown_table, model_cfg, report_header,
                                resolve_data, results_path, training_parser, write_results)

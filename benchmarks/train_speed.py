@@ -8,8 +8,9 @@
     shown too. During the warm-up (the first 100 iterations, about 8 BCCD epochs) the engine steps
     the optimizer more often than later, which makes (a) slightly conservative.
 (b) In the same benchmark run, the same model at the same batch trains on random 640 px tensors with
-    random boxes: same DetectionLoss, optimizer, gradient accumulation to 64, clipping, EMA and AMP
-    as the engine, no data loading. That is the rate the GPU allows.
+    random boxes through the engine's own training step (utils.engine.step.train_step: DetectionLoss,
+    backward, clipping, the non-finite guard, the optimizer step and EMA, AMP) with gradient
+    accumulation to the hyp's nbs, no data loading. That is the rate the GPU allows.
 
 Reported: (a)/(b) (target >= 0.70: training is limited by the GPU, not by the data) and (a)/43
 images/s, the public YOLOv9 loop on the same data and GPU (target >= 5x).
@@ -26,9 +27,6 @@ import math
 import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # started as `python benchmarks/train_speed.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -79,10 +77,10 @@ def gpu_only_rate(cfg: Path, hyp_path: Path, nc: int, opt: argparse.Namespace) -
     from models.yolo import DetectionModel
     from utils.core.device import select_device
     from utils.engine.ema import ModelEMA
-    from utils.engine.trainer import GRAD_CLIP_NORM
-    from utils.loss import DetectionLoss
     from utils.engine.optim import accumulate_steps, build_optimizer, nominal_batch, scaled_weight_decay
     from utils.engine.setup import load_hyp, resolve_amp
+    from utils.engine.step import Optimization, detection_forward_loss, train_step
+    from utils.loss import DetectionLoss
 
     device = select_device(opt.device)
     torch.manual_seed(opt.seed)
@@ -98,8 +96,7 @@ def gpu_only_rate(cfg: Path, hyp_path: Path, nc: int, opt: argparse.Namespace) -
     optimizer = build_optimizer([model], "SGD", hyp["lr0"], hyp["momentum"],
                                 scaled_weight_decay(hyp["weight_decay"], opt.batch, nbs))
     amp_dtype = resolve_amp(opt.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    ema = ModelEMA(model)
+    parts = Optimization.for_optimizer(model, optimizer, amp_dtype, ema=ModelEMA(model))
     # the engine's accumulation to the hyp's nbs; a dry run steps every batch so that it checks that path too
     accumulate = 1 if opt.dry_run else accumulate_steps(opt.batch, nbs)
     imgs, targets = random_batch(opt.batch, opt.img, nc, device, opt.seed)
@@ -107,18 +104,8 @@ def gpu_only_rate(cfg: Path, hyp_path: Path, nc: int, opt: argparse.Namespace) -
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def step(i: int) -> None:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss, _ = loss_fn(model(imgs), targets)
-        scaler.scale(loss).backward()
-        if (i + 1) % accumulate == 0:
-            scaler.unscale_(optimizer)
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm=GRAD_CLIP_NORM)
-            if torch.isfinite(norm):  # the same host sync per optimizer step as the engine
-                scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(model)
+        train_step(parts, lambda: detection_forward_loss(model, loss_fn, imgs, targets, amp_dtype),
+                   update=(i + 1) % accumulate == 0)
 
     for i in range(opt.warmup):
         step(i)

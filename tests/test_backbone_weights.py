@@ -30,7 +30,7 @@ from utils.checkpoint.backbone import (
 )
 from utils.core.errors import UserError
 from utils.data.synthetic import generate
-from utils.engine.args import build_parser
+from utils.engine.args import build_parser, option_defaults
 from utils.engine.setup import build_model
 
 from tests.helpers import randomize_bn
@@ -199,6 +199,11 @@ def test_a_longer_stage_reports_the_units_the_file_lacks(tmp_path):
 # ---------------------------------------------------------------------- flag, yaml key, build_model
 
 
+def options(**changes) -> argparse.Namespace:
+    """train.py's options with their defaults (the engine reads every field) and ``changes``."""
+    return argparse.Namespace(**{**option_defaults(), **changes})
+
+
 @pytest.mark.parametrize("distill", [False, True])
 def test_flag_reaches_build_model(distill, tmp_path):
     reference, path = torchvision_file("shufflenet_v2_x1_0", tmp_path)
@@ -224,12 +229,12 @@ def test_yaml_key_is_read_next_to_the_yaml_and_none_overrides_it(tmp_path, monke
     fresh = build_model(parser.parse_args(["--data", "synthetic", "--cfg", str(cfg), "--backbone-weights", "none"]),
                         NC, list("abc"))
     assert not torch.equal(fresh.state_dict()["model.0.conv.weight"], reference.state_dict()[stem])
-    resumed = build_model(argparse.Namespace(cfg=str(cfg), weights="", resume="last.pt"), NC, list("abc"))
+    resumed = build_model(options(cfg=str(cfg), resume="last.pt"), NC, list("abc"))
     assert not torch.equal(resumed.state_dict()["model.0.conv.weight"], reference.state_dict()[stem])
 
 
 def test_flag_without_cfg_is_refused():
-    opt = argparse.Namespace(cfg="", weights="best.pt", backbone_weights="x.pth", resume=False)
+    opt = options(weights="best.pt", backbone_weights="x.pth")
     with pytest.raises(UserError, match="--backbone-weights needs --cfg"):
         build_model(opt, NC, list("abc"))
 

@@ -409,7 +409,7 @@ def test_teacher_speed_times_every_form_and_the_folded_teacher_computes_the_same
 def test_latency_and_prune_tables_share_one_machine_line():
     from benchmarks import latency, prune_bccd
 
-    info = {"cpu": "Xeon", "cores": 2, "gpu": None, "onnxruntime": "1.99", "torch": "2.14", "date": "2026-12-06"}
+    info = {"cpu": "Xeon", "cpus": 2, "gpu": "none", "onnxruntime": "1.99", "torch": "2.14", "date": "2026-12-06"}
     assert latency.machine_line(info) == "Machine: Xeon, 2 cores; onnxruntime 1.99, torch 2.14; 2026-12-06."
     assert ", GPU Orin" in latency.machine_line({**info, "gpu": "Orin"})
     opt = prune_bccd.parse_args(["--weights", "s.pt", "--teacher", "t.pt"])

@@ -507,8 +507,9 @@ def test_export_detect_and_prune_take_an_official_file(files, tmp_path, syntheti
     assert summary.params_after < summary.params_before and load_model(pruned).nc == NC
 
     # train.py / train_distill.py --weights: fine-tuning an official file on data with other classes
+    from utils.engine.args import option_defaults
     from utils.engine.setup import build_model
-    opt = argparse.Namespace(cfg="", weights=str(official.path))
+    opt = argparse.Namespace(**{**option_defaults(), "cfg": "", "weights": str(official.path)})
     model = build_model(opt, nc=7, names=[str(i) for i in range(7)])
     transferred = model.state_dict()
     head = f"model.{len(model.model) - 1}."

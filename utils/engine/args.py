@@ -13,6 +13,9 @@ HYP_DIR = ROOT / "hyp"
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 CACHE_CHOICES = ("ram", "disk")  # disk: the YOLOv5/YOLOv9 spelling, refused with a pointer to ram
 YAML_SUFFIXES = (".yaml", ".yml")
+# the teacher's options: flags of train_distill.py only, and unset fields of train.py's options, so that
+# the engine reads every option of either script directly
+TEACHER_DEFAULTS = {"teacher": "", "teacher_img": 0}
 
 
 def find_hyp(value: str) -> str:
@@ -53,7 +56,7 @@ def apply_local_rank(opt: argparse.Namespace) -> None:
 
     The launcher also sets ``LOCAL_RANK`` itself; a flag that disagrees with it is a UserError.
     """
-    rank = getattr(opt, "local_rank", -1)
+    rank = opt.local_rank
     if rank is None or rank < 0:
         return
     env = os.environ.get("LOCAL_RANK")
@@ -110,6 +113,17 @@ def build_parser(distill: bool = False) -> argparse.ArgumentParser:
     add("--gpu-augment", action="store_true", help="mosaic/affine/HSV/flips on the GPU, batched")
     add("--max-batches", type=int, default=0, help=argparse.SUPPRESS)  # tests: cap batches per epoch
     if distill:
-        add("--teacher", type=str, default="", help="teacher checkpoint (ours or an official YOLOv9 .pt); required")
-        add("--teacher-img", type=int, default=0, help="teacher input size (0 = same as --img)")
+        add("--teacher", type=str, default=TEACHER_DEFAULTS["teacher"],
+            help="teacher checkpoint (ours or an official YOLOv9 .pt); required")
+        add("--teacher-img", type=int, default=TEACHER_DEFAULTS["teacher_img"],
+            help="teacher input size (0 = same as --img)")
+    else:
+        parser.set_defaults(**TEACHER_DEFAULTS)
     return parser
+
+
+def option_defaults(distill: bool = False) -> dict:
+    """Every training option with its default value (``distill``: train_distill.py's), as the parser
+    gives them when no flag is set; a resumed run's recorded options are completed from these."""
+    parser = build_parser(distill)
+    return {name: parser.get_default(name) for name in vars(parser.parse_args(["--resume"]))}

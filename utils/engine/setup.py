@@ -16,6 +16,7 @@ from utils.checkpoint.ours import load_checkpoint, load_model
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
 from utils.distill.config import TEACHER_DTYPES
+from utils.engine.args import option_defaults
 
 HASH_CHUNK = 1 << 20
 
@@ -80,7 +81,7 @@ def build_model(opt: argparse.Namespace, nc: int, names: list[str]) -> Detection
         raise UserError("give a model: --cfg models/detect/<model>.yaml and/or --weights <file>.pt")
     if opt.cfg and not Path(opt.cfg).is_file():
         raise UserError(f"--cfg {opt.cfg} does not exist")
-    if getattr(opt, "backbone_weights", "") and not opt.cfg and not getattr(opt, "resume", False):
+    if opt.backbone_weights and not opt.cfg and not opt.resume:
         raise UserError("--backbone-weights needs --cfg (the student's model yaml): with --weights alone every "
                         "weight comes from that checkpoint")
     if opt.weights:
@@ -191,17 +192,21 @@ def find_resume_checkpoint(resume: bool | str, project: str | Path) -> Path:
 
 
 def resume_options(path: Path, cli: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
-    """Options of the interrupted run (device and workers from the new command line) and its checkpoint."""
+    """Options of the interrupted run (device and workers from the new command line) and its checkpoint.
+
+    Options the run did not record (flags added since it started) take their defaults.
+    """
     ckpt = load_checkpoint(path)
     saved = dict(ckpt.get("opt") or {})
     if not saved:
         raise UserError(f"--resume {path}: the checkpoint has no training options (a released model?)")
     if ckpt.get("epoch", -1) < 0:
         raise UserError(f"--resume {path}: this run already finished")
+    given = vars(cli)
     for key in ("device", "workers", "max_batches"):
-        saved[key] = getattr(cli, key, saved.get(key))
+        saved[key] = given[key]
     saved["resume"] = str(path)
-    return argparse.Namespace(**saved), ckpt
+    return argparse.Namespace(**{**option_defaults(distill=bool(saved.get("teacher"))), **saved}), ckpt
 
 
 def resolve_amp(flag: str, device: torch.device) -> torch.dtype | None:

@@ -2,22 +2,27 @@
 
 One :class:`Trainer` runs a whole job: ``setup`` (model, teacher, data, optimiser, resume),
 then per epoch ``train_one_epoch`` and ``after_epoch`` (validate, log, save). A teacher is just
-an option: with ``opt.teacher`` the loss becomes a DistillationLoss and the teacher runs on the
-very same augmented batch under ``torch.no_grad()``.
+an option: with ``opt.teacher`` the trainer holds a :class:`Distillation` (the teacher, its identity,
+the DistillationLoss and the layers it compares), and the teacher runs on the very same augmented
+batch under ``torch.no_grad()``; without it that object is None. Each batch goes through
+``utils.engine.step.train_step``, the step the training-speed benchmark times too.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 import yaml
+from torch import nn
 from tqdm import tqdm
 
+from models.yolo import DetectionModel
 from utils.checkpoint.ours import load_model, make_checkpoint, save_checkpoint, strip_checkpoint
 from utils.core.device import dist_info, rng_state, seed_everything, select_device, set_rng_state, unwrap
 from utils.core.errors import UserError
@@ -31,6 +36,7 @@ from utils.engine.optim import (AUTO, NOMINAL_BATCH, accumulate_steps, apply_war
                                 build_optimizer, lr_lambda, nominal_batch, scaled_weight_decay, warmup_accumulate,
                                 warmup_iterations)
 from utils.engine.run_logger import RunLogger
+from utils.engine.step import Optimization, TrainingDiverged, autocast, detection_forward_loss, train_step
 from utils.engine.setup import (build_model, file_sha256, find_resume_checkpoint, freeze_layers, load_hyp,
                                 load_teacher, resolve_amp, resolve_teacher_dtype, resume_options,
                                 teacher_memory_format)
@@ -38,10 +44,10 @@ from utils.eval.evaluator import evaluate
 from utils.eval.metrics import fitness
 from utils.loss import DetectionLoss, DistillationLoss
 
-GRAD_CLIP_NORM = 10.0
 LOG_INTERVAL = 10  # steps between progress-bar refreshes (each one reads losses back from the device)
-MAX_NONFINITE_STEPS = 10  # consecutive skipped optimizer steps before the run is stopped
 PLOT_TRAIN_BATCHES = 3
+
+__all__ = ["Distillation", "Progress", "Trainer", "TrainingDiverged", "legacy_resume_hyp", "run"]
 
 
 def legacy_resume_hyp(hyp: dict) -> dict:
@@ -55,12 +61,45 @@ def legacy_resume_hyp(hyp: dict) -> dict:
     return hyp
 
 
-class TrainingDiverged(UserError):
-    """Raised after too many consecutive non-finite losses; last.pt keeps the last good epoch."""
+@dataclass
+class Distillation:
+    """What a distillation run adds to training (the Trainer holds None when there is no teacher).
+
+    ``teacher`` is frozen, in eval mode and its own dtype; ``teacher_img`` is its input size (0 = the
+    student's batch as it is); ``student_layers`` / ``teacher_layers`` are the model layers whose
+    outputs the feature terms compare, in pairs.
+    """
+
+    teacher: nn.Module
+    teacher_path: str
+    teacher_sha256: str
+    teacher_img: int
+    loss: DistillationLoss
+    student_layers: list[int]
+    teacher_layers: list[int]
+
+    def record(self) -> dict:
+        """The teacher's identity and the loss's state, as the student's checkpoint keeps them."""
+        return {"teacher": {"path": self.teacher_path, "sha256": self.teacher_sha256},
+                "distill_state": self.loss.state_dict()}
+
+
+@dataclass
+class Progress:
+    """Where the run stands: what a resume restores and what the epoch loop counts."""
+
+    start_epoch: int = 0
+    best_fitness: float = 0.0
+    stale_epochs: int = 0  # validated epochs since the fitness last improved (--patience)
+    warmup_iters: int = 0  # batches of the learning-rate and momentum warm-up
+    mosaic_closed: bool = False
 
 
 class Trainer:
-    """Runs a training (or distillation) job described by the parsed command line ``opt``."""
+    """Runs a training (or distillation) job described by the parsed command line ``opt``.
+
+    Every attribute is declared here; ``setup`` builds the parts, ``train`` runs the epochs.
+    """
 
     def __init__(self, opt: argparse.Namespace) -> None:
         self.dist = dist_info()
@@ -68,7 +107,35 @@ class Trainer:
         if opt.resume:
             opt, self.resume_ckpt = resume_options(find_resume_checkpoint(opt.resume, opt.project), opt)
         self.opt = opt
-        self.is_distill = bool(getattr(opt, "teacher", ""))
+        self.is_distill = bool(opt.teacher)
+        # what the run is and where it writes (setup)
+        self.device = torch.device("cpu")
+        self.hyp: dict = {}
+        self.data: dict = {}
+        self.save_dir = Path(opt.project) / opt.name
+        self.weights_dir = self.save_dir / "weights"
+        self.amp_dtype: torch.dtype | None = None
+        # the model, the teacher and the losses
+        self.model: DetectionModel | None = None
+        self.distill: Distillation | None = None
+        self.detection_loss: DetectionLoss | None = None
+        # data
+        self.train_loader = None
+        self.train_set = None
+        self.val_loader = None
+        self.gpu_augment = None
+        # optimisation: the automatic choices, the schedule, the step's parts, the weight average
+        self.nbs = NOMINAL_BATCH
+        self.ema_decay, self.ema_tau = DEFAULT_DECAY, DEFAULT_TAU
+        self.lf = None  # epoch -> learning-rate factor
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.optim: Optimization | None = None
+        self.ema: ModelEMA | None = None
+        # the module that trains this epoch (the model, wrapped for KD / DDP / compile) and its state
+        self.train_model: nn.Module | None = None
+        self._wrapped_as: tuple | None = None
+        self.progress = Progress()
+        self.logger: RunLogger | None = None
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -81,7 +148,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         seed_everything(opt.seed + self.dist.rank, deterministic=opt.deterministic)
         self.hyp = load_hyp(opt.hyp) if self.resume_ckpt is None else legacy_resume_hyp(self.resume_ckpt["hyp"])
-        for flag, path in (("--cfg", opt.cfg), ("--weights", opt.weights), ("--teacher", getattr(opt, "teacher", ""))):
+        for flag, path in (("--cfg", opt.cfg), ("--weights", opt.weights), ("--teacher", opt.teacher)):
             if path and not Path(path).is_file():  # before the data set, which may take a while to prepare
                 raise UserError(f"{flag} {path} does not exist")
         self.data = load_data_config(opt.data)
@@ -114,28 +181,21 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.model = model
 
-        self.teacher = None
-        if self.is_distill:
-            self.teacher_sha256 = file_sha256(opt.teacher)
-            self._check_resumed_teacher()
-            teacher_dtype = resolve_teacher_dtype(DistillConfig.from_hyp(self.hyp).teacher_dtype, self.device)
-            self.teacher = load_teacher(opt.teacher, self.data["names"], self.device, teacher_dtype)
-            LOGGER.info(f"teacher {opt.teacher} in {str(teacher_dtype).removeprefix('torch.')} on {self.device}")
+        loaded = self._load_teacher() if self.is_distill else None  # before the data set: a bad one fails fast
         self._build_data()
         self._resolve_auto_settings()
-        self._build_loss()
+        self.detection_loss = DetectionLoss(self.model, self.hyp)
+        if loaded is not None:
+            self.distill = self._build_distillation(*loaded)
         self._build_optimizer()
-        self.ema = None
         if self.dist.is_main:
-            self.ema = ModelEMA(model, decay=self.ema_decay, tau=self.ema_tau)
+            self.ema = self.optim.ema = ModelEMA(model, decay=self.ema_decay, tau=self.ema_tau)
             with open(self.save_dir / "hyp.yaml", "w") as f:  # with the values auto settings chose
                 yaml.safe_dump(self.hyp, f, sort_keys=False)
-        self.start_epoch, self.best_fitness, self.stale_epochs = 0, 0.0, 0
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
-        self._wrapped_as: tuple | None = None
         self.train_model = model
-        self.logger = (RunLogger(self.save_dir, tensorboard=True, last_epoch=self.start_epoch - 1)
+        self.logger = (RunLogger(self.save_dir, tensorboard=True, last_epoch=self.progress.start_epoch - 1)
                        if self.dist.is_main else None)
 
     def _build_data(self) -> None:
@@ -156,12 +216,22 @@ class Trainer:
                 img_size=opt.img, batch_size=max(opt.batch // world * 2, 1), stride=stride, hyp=self.hyp, augment=False,
                 cache=opt.cache, rect=True, workers=opt.workers, shuffle=False, seed=opt.seed, nc=self.data["nc"]))
 
-    def _check_resumed_teacher(self) -> None:
+    def _load_teacher(self) -> tuple[nn.Module, str]:
+        """The frozen teacher of ``--teacher`` in the dtype the hyp asks for, and its file's SHA-256."""
+        opt = self.opt
+        sha256 = file_sha256(opt.teacher)
+        self._check_resumed_teacher(sha256)
+        teacher_dtype = resolve_teacher_dtype(DistillConfig.from_hyp(self.hyp).teacher_dtype, self.device)
+        teacher = load_teacher(opt.teacher, self.data["names"], self.device, teacher_dtype)
+        LOGGER.info(f"teacher {opt.teacher} in {str(teacher_dtype).removeprefix('torch.')} on {self.device}")
+        return teacher, sha256
+
+    def _check_resumed_teacher(self, sha256: str) -> None:
         """A resumed distillation must go on with the teacher it started with (same bytes)."""
         if self.resume_ckpt is None:
             return
         recorded = ((self.resume_ckpt.get("extra") or {}).get("teacher") or {})
-        if recorded.get("sha256") and recorded["sha256"] != self.teacher_sha256:
+        if recorded.get("sha256") and recorded["sha256"] != sha256:
             raise UserError(f"--resume: the teacher {self.opt.teacher} is not the one this run started with "
                             f"({recorded.get('path', '?')}, SHA-256 {recorded['sha256'][:12]}...): a different "
                             f"teacher would silently change the run; give the original file or start a new run")
@@ -182,30 +252,27 @@ class Trainer:
             self.hyp.update(ema_decay=self.ema_decay, ema_tau=self.ema_tau)
             LOGGER.info(f"ema decay {self.ema_decay:.6g}, ramp {self.ema_tau:.6g} updates (auto): {reason}")
 
-    def _build_loss(self) -> None:
-        self.detection_loss = DetectionLoss(self.model, self.hyp)
-        self.distill_loss = None
-        if self.teacher is not None:
-            opt = self.opt
-            self.distill_loss = DistillationLoss(self.detection_loss, self.model, self.teacher, self.hyp,
-                                                 close_mosaic=opt.close_mosaic, img=opt.img,
-                                                 teacher_img=getattr(opt, "teacher_img", 0) or None)
-            self.distill_loss.to(self.device)
-            self.student_layers = list(self.distill_loss.student_layers)
-            self.teacher_layers = list(self.distill_loss.teacher_layers)
+    def _build_distillation(self, teacher: nn.Module, sha256: str) -> Distillation:
+        """The DistillationLoss around the detection loss, and the layers its feature terms pair."""
+        opt = self.opt
+        loss = DistillationLoss(self.detection_loss, self.model, teacher, self.hyp, close_mosaic=opt.close_mosaic,
+                                img=opt.img, teacher_img=opt.teacher_img or None)
+        loss.to(self.device)
+        return Distillation(teacher=teacher, teacher_path=str(opt.teacher), teacher_sha256=sha256,
+                            teacher_img=opt.teacher_img, loss=loss, student_layers=list(loss.student_layers),
+                            teacher_layers=list(loss.teacher_layers))
 
     def _build_optimizer(self) -> None:
         opt, hyp = self.opt, self.hyp
         modules = [self.model]
-        if self.distill_loss is not None:
-            modules += list(self.distill_loss.trainable_modules())
+        if self.distill is not None:
+            modules += list(self.distill.loss.trainable_modules())
         weight_decay = scaled_weight_decay(hyp["weight_decay"], opt.batch, self.nbs)
-        self.optimizer = build_optimizer(modules, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
-        # listed once: clip_grad_norm_ skips parameters without a gradient (e.g. a frozen backbone)
-        self.optimized_params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        optimizer = build_optimizer(modules, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
+        self.optim = Optimization.for_optimizer(self.model, optimizer, self.amp_dtype,
+                                                last_good=self.weights_dir / "last.pt")
         self.lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=self.lf)
 
     def _updates_per_epoch(self) -> float:
         batches = len(self.train_loader)
@@ -220,14 +287,14 @@ class Trainer:
         DistributedDataParallel fixes its parameter set when it is built, so the wrapper is rebuilt
         whenever that set changes: KD switching off (stop epoch) or the backbone (un)freezing.
         """
-        kd_on = self.distill_loss is not None and self.distill_loss.active(epoch, self.opt.epochs)
+        kd_on = self.distill is not None and self.distill.loss.active(epoch, self.opt.epochs)
         state = (kd_on, tuple(p.requires_grad for p in self.model.parameters()))
         if state == self._wrapped_as:
             return
         module: torch.nn.Module = self.model
         if kd_on:
-            layers = self.student_layers if self.distill_loss.uses_features else None
-            module = DistillStudent(self.model, self.distill_loss.modules_, layers)
+            layers = self.distill.student_layers if self.distill.loss.uses_features else None
+            module = DistillStudent(self.model, self.distill.loss.modules_, layers)
         self.train_model = self._wrap(module)
         self._wrapped_as = state
 
@@ -244,22 +311,23 @@ class Trainer:
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
         if ckpt.get("optimizer") is not None:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.optim.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.ema.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
             self.ema.updates = int(ckpt.get("ema_updates", 0))
         extra = ckpt.get("extra") or {}
-        if self.distill_loss is not None and extra.get("distill_state"):
-            self.distill_loss.load_state_dict(extra["distill_state"])
+        if self.distill is not None and extra.get("distill_state"):
+            self.distill.loss.load_state_dict(extra["distill_state"])
         if extra.get("scaler"):
-            self.scaler.load_state_dict(extra["scaler"])
+            self.optim.scaler.load_state_dict(extra["scaler"])
         if extra.get("rng"):
             set_rng_state(extra["rng"])
-        self.start_epoch = int(ckpt["epoch"]) + 1
-        self.best_fitness = float(ckpt.get("best_fitness") or 0.0)
-        self.stale_epochs = int(extra.get("stale_epochs", 0))
-        self.scheduler.last_epoch = self.start_epoch - 1
-        LOGGER.info(f"resuming {self.save_dir} from epoch {self.start_epoch}")
+        progress = self.progress
+        progress.start_epoch = int(ckpt["epoch"]) + 1
+        progress.best_fitness = float(ckpt.get("best_fitness") or 0.0)
+        progress.stale_epochs = int(extra.get("stale_epochs", 0))
+        self.scheduler.last_epoch = progress.start_epoch - 1
+        LOGGER.info(f"resuming {self.save_dir} from epoch {progress.start_epoch}")
 
     # ------------------------------------------------------------------------------- training
     def train(self) -> dict:
@@ -267,15 +335,13 @@ class Trainer:
         self.setup()
         opt = self.opt
         nb = len(self.train_loader) if not opt.max_batches else min(opt.max_batches, len(self.train_loader))
-        self.warmup_iters = warmup_iterations(self.hyp, nb)
-        self.nonfinite_steps = 0
-        self.mosaic_closed = False
+        self.progress.warmup_iters = warmup_iterations(self.hyp, nb)
         if self.dist.is_main:
             self._describe()
         metrics: dict = {}
-        for epoch in range(self.start_epoch, opt.epochs):
+        for epoch in range(self.progress.start_epoch, opt.epochs):
             # also right after a resume that starts inside the closing epochs
-            if opt.close_mosaic and epoch >= opt.epochs - opt.close_mosaic and not self.mosaic_closed:
+            if opt.close_mosaic and epoch >= opt.epochs - opt.close_mosaic and not self.progress.mosaic_closed:
                 self._close_mosaic()
             start = time.time()
             train_row = self.train_one_epoch(epoch, nb)
@@ -297,7 +363,7 @@ class Trainer:
         return metrics
 
     def _close_mosaic(self) -> None:
-        self.mosaic_closed = True
+        self.progress.mosaic_closed = True
         LOGGER.info("closing mosaic: mosaic and mixup off for the remaining epochs")
         self.train_loader = close_mosaic(self.train_loader)
         if self.gpu_augment is not None:
@@ -308,7 +374,7 @@ class Trainer:
         what = f"distilling from teacher {opt.teacher}" if self.is_distill else "training"
         LOGGER.info(f"{what}: {opt.cfg or opt.weights}, {opt.epochs} epochs, batch {opt.batch}, img {opt.img}, "
                     f"device {self.device}, amp {self.amp_dtype}, results in {self.save_dir}")
-        if not opt.noplots and self.start_epoch == 0:
+        if not opt.noplots and self.progress.start_epoch == 0:
             try:
                 from utils.eval.plots import plot_labels
 
@@ -318,43 +384,41 @@ class Trainer:
 
     def _forward_loss(self, imgs: torch.Tensor, targets: torch.Tensor, epoch: int, step: float):
         """Loss of one batch; ``step`` is the nominal optimizer steps taken (the KD warm-up's clock)."""
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            if self.distill_loss is None:
-                preds = self.train_model(imgs)
-                return self.detection_loss(preds, targets)
-            epochs = self.opt.epochs
-            if not self.distill_loss.active(epoch, epochs):  # no KD this epoch: the teacher is not run
-                return self.distill_loss(self.train_model(imgs), None, targets, epoch=epoch, epochs=epochs)
+        if self.distill is None:
+            return detection_forward_loss(self.train_model, self.detection_loss, imgs, targets, self.amp_dtype)
+        loss, epochs = self.distill.loss, self.opt.epochs
+        with autocast(self.device, self.amp_dtype):
+            if not loss.active(epoch, epochs):  # no KD this epoch: the teacher is not run
+                return loss(self.train_model(imgs), None, targets, epoch=epoch, epochs=epochs)
             student = self.train_model(imgs)  # DistillStudent: maps, connected features, CrossKD maps
         teacher_out, teacher_feats = self._teacher_forward(imgs)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            return self.distill_loss(student.preds, teacher_out, targets, student.feats, teacher_feats,
-                                     student.cross, epoch=epoch, epochs=epochs, step=step)
+        with autocast(self.device, self.amp_dtype):
+            return loss(student.preds, teacher_out, targets, student.feats, teacher_feats, student.cross,
+                        epoch=epoch, epochs=epochs, step=step)
 
     @torch.no_grad()
     def _teacher_forward(self, imgs: torch.Tensor):
         """The teacher on the same augmented batch (resized to --teacher-img when set), in its own dtype
         (distill_teacher_dtype): outside the student's autocast, which would recast it."""
-        teacher_img = getattr(self.opt, "teacher_img", 0)
-        if teacher_img and teacher_img != imgs.shape[-1]:
-            imgs = F.interpolate(imgs, size=(teacher_img, teacher_img), mode="bilinear", align_corners=False)
-        imgs = imgs.to(next(self.teacher.parameters()).dtype, memory_format=teacher_memory_format(self.device))
+        distill = self.distill
+        size = distill.teacher_img
+        if size and size != imgs.shape[-1]:
+            imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", align_corners=False)
+        imgs = imgs.to(next(distill.teacher.parameters()).dtype, memory_format=teacher_memory_format(self.device))
         with torch.autocast(self.device.type, enabled=False):
-            if self.distill_loss.uses_features:
-                return self.teacher(imgs, feature_layers=self.teacher_layers)
-            return self.teacher(imgs), None
+            if distill.loss.uses_features:
+                return distill.teacher(imgs, feature_layers=distill.teacher_layers)
+            return distill.teacher(imgs), None
 
     def train_one_epoch(self, epoch: int, nb: int) -> dict[str, float]:
         """One pass over the training data; returns the mean of each loss term and images/s."""
         opt, device = self.opt, self.device
-        if self.distill_loss is not None:
-            self.distill_loss.on_epoch_start(self.model, epoch, opt.epochs)
+        if self.distill is not None:
+            self.distill.loss.on_epoch_start(self.model, epoch, opt.epochs)
         self._prepare_train_model(epoch)
         self.train_model.train()
-        if self.teacher is not None:
-            self.teacher.eval()
+        if self.distill is not None:
+            self.distill.teacher.eval()
         if hasattr(self.train_loader, "sampler") and hasattr(self.train_loader.sampler, "set_epoch"):
             self.train_loader.sampler.set_epoch(epoch)
         bar = tqdm(total=nb, desc=f"epoch {epoch + 1}/{opt.epochs}", disable=not self.dist.is_main,
@@ -362,14 +426,15 @@ class Trainer:
         sums: torch.Tensor | None = None
         keys: list[str] = []
         images, last_step, start = 0, -1, time.time()
-        self.optimizer.zero_grad(set_to_none=True)
+        warmup_iters = self.progress.warmup_iters
+        self.optim.optimizer.zero_grad(set_to_none=True)
         for i, (imgs, targets, paths, _) in enumerate(self.train_loader):
             if i >= nb:
                 break
             ni = i + nb * epoch
-            accumulate = warmup_accumulate(ni, self.warmup_iters, opt.batch, self.nbs)
-            if ni <= self.warmup_iters:
-                apply_warmup(self.optimizer, ni, self.warmup_iters, self.lf(epoch), self.hyp)
+            accumulate = warmup_accumulate(ni, warmup_iters, opt.batch, self.nbs)
+            if ni <= warmup_iters:
+                apply_warmup(self.optim.optimizer, ni, warmup_iters, self.lf(epoch), self.hyp)
             imgs = imgs.to(device, non_blocking=True)
             if self.gpu_augment is not None:
                 imgs, targets = self.gpu_augment(imgs, targets)  # CPU targets: no device wait
@@ -377,15 +442,14 @@ class Trainer:
                 imgs = imgs.float().div_(255)
             if opt.channels_last:
                 imgs = imgs.contiguous(memory_format=torch.channels_last)
-            if epoch == self.start_epoch and i < PLOT_TRAIN_BATCHES and self.dist.is_main and not opt.noplots:
+            if epoch == self.progress.start_epoch and i < PLOT_TRAIN_BATCHES and self.dist.is_main and not opt.noplots:
                 self._plot_batch(imgs, targets, paths, i)
 
-            loss, items = self._forward_loss(imgs, targets, epoch, step=ni * opt.batch / self.nbs)
-            if self.dist.distributed:
-                loss = loss * self.dist.world_size  # DDP averages gradients over processes
-            self.scaler.scale(loss).backward()
-            if ni - last_step >= accumulate:
-                self._optimizer_step()
+            update = ni - last_step >= accumulate  # the optimizer steps once per nominal batch
+            step = ni * opt.batch / self.nbs
+            items = train_step(self.optim, lambda: self._forward_loss(imgs, targets, epoch, step), update,
+                               loss_scale=self.dist.world_size if self.dist.distributed else 1)
+            if update:
                 last_step = ni
 
             if isinstance(items, dict):
@@ -412,25 +476,6 @@ class Trainer:
         row = {(f"train/{k}_loss" if "/" not in k else k): v for k, v in zip(keys, means)}
         row["speed/img_per_s"] = images * self.dist.world_size / max(time.time() - start, 1e-9)
         return row
-
-    def _optimizer_step(self) -> None:
-        """Unscale, clip, skip the step when gradients are not finite, update EMA."""
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.optimized_params, max_norm=GRAD_CLIP_NORM)
-        # one host sync per optimizer step (as GradScaler does): a non-finite step must not be taken
-        if torch.isfinite(norm):
-            self.scaler.step(self.optimizer)
-            self.nonfinite_steps = 0
-        else:
-            self.nonfinite_steps += 1
-            LOGGER.warning(f"non-finite loss or gradient: optimizer step skipped ({self.nonfinite_steps} in a row)")
-            if self.nonfinite_steps >= MAX_NONFINITE_STEPS:
-                raise TrainingDiverged(f"{MAX_NONFINITE_STEPS} non-finite steps in a row: training stopped; "
-                                       f"{self.weights_dir / 'last.pt'} holds the last good epoch")
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
 
     def _plot_batch(self, imgs: torch.Tensor, targets: torch.Tensor, paths: list[str], index: int) -> None:
         try:
@@ -459,30 +504,32 @@ class Trainer:
         val_loss = metrics.get("loss")
         for index, name in enumerate(("box", "cls", "dfl")):
             row[f"val/{name}_loss"] = float(val_loss[index]) if val_loss is not None else float("nan")
-        for index, group in enumerate(self.optimizer.param_groups):
+        for index, group in enumerate(self.optim.optimizer.param_groups):
             row[f"lr/pg{index}"] = group["lr"]
         row["time/epoch_s"] = elapsed
         self.logger.log(row)
 
+        progress = self.progress
         current = fitness(metrics) if metrics else None
-        improved = current is not None and current >= self.best_fitness
+        improved = current is not None and current >= progress.best_fitness
         if improved:
-            self.best_fitness, self.stale_epochs = current, 0
+            progress.best_fitness, progress.stale_epochs = current, 0
         elif current is not None:
-            self.stale_epochs += 1
+            progress.stale_epochs += 1
         self._save(epoch, improved)
-        stop = bool(opt.patience) and self.stale_epochs >= opt.patience
+        stop = bool(opt.patience) and progress.stale_epochs >= opt.patience
         if stop:
-            LOGGER.info(f"early stop: no improvement for {opt.patience} epochs (best fitness {self.best_fitness:.4f})")
+            LOGGER.info(f"early stop: no improvement for {opt.patience} epochs "
+                        f"(best fitness {progress.best_fitness:.4f})")
         return metrics, stop
 
     def _save(self, epoch: int, improved: bool) -> None:
-        extra = {"rng": rng_state(), "scaler": self.scaler.state_dict(), "stale_epochs": self.stale_epochs}
-        if self.is_distill:
-            extra["teacher"] = {"path": str(self.opt.teacher), "sha256": self.teacher_sha256}
-            extra["distill_state"] = self.distill_loss.state_dict()
+        extra = {"rng": rng_state(), "scaler": self.optim.scaler.state_dict(),
+                 "stale_epochs": self.progress.stale_epochs}
+        if self.distill is not None:
+            extra.update(self.distill.record())
         ckpt = make_checkpoint(unwrap(self.model), ema=self.ema.ema, ema_updates=self.ema.updates,
-                               optimizer=self.optimizer, epoch=epoch, best_fitness=self.best_fitness,
+                               optimizer=self.optim.optimizer, epoch=epoch, best_fitness=self.progress.best_fitness,
                                opt=vars(self.opt), hyp=self.hyp, half=False, extra=extra)
         save_checkpoint(ckpt, self.weights_dir / "last.pt")
         if improved or not (self.weights_dir / "best.pt").exists():

@@ -1,0 +1,5 @@
+"""What every benchmark shares, one of each: the machine description (``machine``); the runner, the
+command-line parser, the timer and the results writer still live in ``benchmarks/common.py`` and move
+here next. A benchmark imports the product (``models``, ``utils``) and this package; nothing here
+re-implements a product path.
+"""
