@@ -1,0 +1,1 @@
+"""End-to-end runs: whole training and distillation runs on a tiny synthetic set (CPU)."""

@@ -1,0 +1,1 @@
+"""Tests of utils/eval/ (and val.py, detect_dual.py on it)."""

@@ -1,0 +1,1 @@
+"""Tests of utils/export/ (and export.py, prune.py on it)."""
