@@ -283,8 +283,7 @@ class Runner:
 
     @staticmethod
     def _execute_here(script: str, args: list[str], log: Path) -> None:
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
+        """Run an entry script's ``main`` in this process; the root is on sys.path (``python -m`` from it)."""
         log.write_text(f"ran in-process: python {script} {shlex.join(args)}\n")
         try:
             importlib.import_module(Path(script).stem).main(args)
