@@ -1,5 +1,6 @@
-"""What every benchmark shares, one of each: the machine description (``machine``); the runner, the
-command-line parser, the timer and the results writer still live in ``benchmarks/common.py`` and move
+"""What every benchmark shares, one of each: the machine description (``machine``), the round-robin
+timer (``timer``); the runner, the
+command-line parser and the results writer still live in ``benchmarks/common.py`` and move
 here next. A benchmark imports the product (``models``, ``utils``) and this package; nothing here
 re-implements a product path.
 """
