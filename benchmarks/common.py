@@ -16,7 +16,6 @@ import importlib
 import json
 import math
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from benchmarks.harness.commands import display
 from benchmarks.harness.machine import cpu_name, machine_info  # noqa: F401  (re-exported to the benchmarks)
 from utils.core.atomic import atomic_write_text
 from utils.core.errors import ArgumentParser, UserError
@@ -42,7 +42,6 @@ BCCD_CANDIDATES = (ROOT / "data" / "bccd",)  # bundled in the repository
 RUN_MARKER = "benchmark-run.json"  # written into a run folder once its command succeeded
 PENDING_MARKER = "benchmark-pending.json"  # written when a run starts: --reuse resumes it from last.pt
 LOG_TAIL_LINES = 15
-IMG_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -185,12 +184,15 @@ def resolve_data(opt: argparse.Namespace) -> Path:
 
 
 def count_images(split: str | list[str]) -> int:
-    """Images in a split as utils.data.config resolves it (folders or list files)."""
+    """Images in a split as utils.data.config resolves it (folders or list files); the suffixes the
+    data loader reads."""
+    from utils.data.labels import IMG_FORMATS
+
     total = 0
     for entry in split if isinstance(split, list) else [split]:
         path = Path(entry)
         if path.is_dir():
-            total += sum(1 for p in path.rglob("*") if p.suffix.lower() in IMG_SUFFIXES)
+            total += sum(1 for p in path.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
         else:
             total += sum(1 for line in path.read_text().splitlines() if line.strip())
     return total
@@ -245,12 +247,6 @@ class TrainSettings:
         return out + list(self.extra)
 
 
-def display(parts: Sequence[str]) -> str:
-    """A command line with paths under the repository shortened to relative ones."""
-    prefix = str(ROOT) + os.sep
-    return shlex.join(p[len(prefix):] if p.startswith(prefix) else p for p in parts)
-
-
 class Runner:
     """Runs the entry scripts, one folder per run under ``work/runs``, and reads their results."""
 
@@ -284,7 +280,7 @@ class Runner:
     @staticmethod
     def _execute_here(script: str, args: list[str], log: Path) -> None:
         """Run an entry script's ``main`` in this process; the root is on sys.path (``python -m`` from it)."""
-        log.write_text(f"ran in-process: python {script} {shlex.join(args)}\n")
+        log.write_text(f"ran in-process: {display(['python', script, *args])}\n")
         try:
             importlib.import_module(Path(script).stem).main(args)
         except SystemExit as exc:  # cli_main turns a UserError into exit code 2
@@ -423,11 +419,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def command_line(module: str, argv: Sequence[str] | None) -> str:
-    """How the benchmark was started, as a runnable command."""
-    return f"python -m benchmarks.{module} " + shlex.join(sys.argv[1:] if argv is None else list(argv))
 
 
 def report_header(title: str, info: dict, command: str, dry_run: bool) -> str:

@@ -49,11 +49,11 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, cpu_name,
-                               display, fmt,
+from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, cpu_name, fmt,
                                fmt_spread, hyp_file, machine_info, markdown_table, mean_spread, model_cfg,
                                read_results_csv, report_header, resolve_data, results_path, train_rate,
                                training_parser, write_results)
+from benchmarks.harness.commands import command_line, display
 from utils.core.atomic import atomic_write_text
 from utils.core.errors import UserError, cli_main
 from utils.core.log import LOGGER, setup_logging

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import resource
-import shlex
 import signal
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 
 from benchmarks.common import ROOT, RUNS_DIR, fmt, markdown_table, model_cfg, write_results
 from benchmarks.gpu_proof_steps import PREPARE, STEP_NAMES, STEPS, Context, Step, step_file
+from benchmarks.harness.commands import command_line
 from utils.core.atomic import atomic_write_text
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
@@ -136,7 +136,7 @@ class Orchestrator:
         self.caps = dict(opt.step_budget)
         self.child: subprocess.Popen | None = None
         self.payload = {
-            "benchmark": "gpu_proof", "dry_run": opt.dry_run, "command": command_line(argv),
+            "benchmark": "gpu_proof", "dry_run": opt.dry_run, "command": command_line("gpu_proof", argv),
             "started": now(), "finished": None, "budget_s": opt.budget_s, "machine": None, "environment": None,
             "steps": {s.name: {"title": s.title, "status": "pending" if s in self.selected else "not selected",
                                "reason": None, "budget_s": None, "elapsed_s": None, "cpu_s": None, "result": {}}
@@ -316,11 +316,6 @@ def last_error(log: Path) -> str:
 def now() -> str:
     """The local time with its offset, to the second."""
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def command_line(argv: list[str]) -> str:
-    """How this command was started, as a runnable line."""
-    return "python -m benchmarks.gpu_proof " + shlex.join(argv)
 
 
 # ---------------------------------------------------------------------------------------- report

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.harness.commands import command_line
 from benchmarks.harness.machine import NO_GPU, machine_info
 from benchmarks.harness.timer import round_robin
 from models.info import count_params, gflops
@@ -101,7 +102,7 @@ def time_torch_fp16(records: list[dict], img: int, warmup: int, runs: int) -> No
         record["torch_fp16_gpu"] = _summary(model_times)
 
 
-def markdown(records: list[dict], info: dict, opt: argparse.Namespace) -> str:
+def markdown(records: list[dict], info: dict, opt: argparse.Namespace, command: str) -> str:
     """The results table (ratios = model median / reference median) with the machine and command."""
     gpu = "torch_fp16_gpu" in records[0]
     head = "| model | params (M) | GFLOPs | ORT CPU median (ms) | p90 (ms) | ratio |"
@@ -121,8 +122,7 @@ def markdown(records: list[dict], info: dict, opt: argparse.Namespace) -> str:
     machine = machine_line(info)
     settings = (f"Batch 1, {opt.img}x{opt.img}, nc={opt.nc}, {opt.threads} threads, {opt.warmup} warm-up + "
                 f"{opt.runs} timed runs per model (round-robin); ratio = median / {reference['model']} median.")
-    command = "Command: `python -m benchmarks.latency " + " ".join(sys.argv[1:]) + "`"
-    return "\n".join([*lines, "", machine, settings, command])
+    return "\n".join([*lines, "", machine, settings, f"Command: `{command}`"])
 
 
 @cli_main
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         time_onnxruntime(records, opt.img, opt.threads, opt.warmup, opt.runs)
         if torch.cuda.is_available():
             time_torch_fp16(records, opt.img, opt.warmup, opt.runs)
-    print(markdown(records, info, opt))
+    print(markdown(records, info, opt, command_line("latency", argv)))
     results = [{k: v for k, v in r.items() if k not in ("torch_model", "onnx")} for r in records]
     if opt.out:
         out = Path(opt.out)

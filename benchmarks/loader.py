@@ -36,6 +36,7 @@ import yaml
 
 from benchmarks.common import bccd_data
 from benchmarks.harness.machine import machine_info
+from benchmarks.harness.commands import command_line
 from utils.core.device import select_device
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info = machine_info(device)
     settings = dict(data=data_name, img=opt.img, batch=opt.batch, batches=opt.batches, warmup=opt.warmup,
                     workers=opt.workers, device=str(device), hyp=hyp_file.name,
-                    command="python -m benchmarks.loader " + " ".join(sys.argv[1:] if argv is None else argv))
+                    command=command_line("loader", argv))
     print(markdown(results, info, settings))
     if opt.out:
         out = Path(opt.out)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness.commands import display
 from benchmarks.harness.machine import machine_info
 from benchmarks.latency import machine_line, time_onnxruntime
 from models.info import count_params, gflops
@@ -72,7 +72,7 @@ class Steps:
 
     def __call__(self, *args: str | Path) -> None:
         cmd = [sys.executable, *(str(a) for a in args)]
-        self.commands.append(shlex.join(["python", *cmd[1:]]))
+        self.commands.append(display(["python", *cmd[1:]]))
         print(f"$ {self.commands[-1]}", flush=True)
         result = subprocess.run(cmd, cwd=ROOT)
         if result.returncode:

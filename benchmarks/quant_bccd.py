@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness.timer import round_robin
-from benchmarks.common import RUNS_DIR, bccd_data, command_line, machine_info, markdown_table, report_header, \
+from benchmarks.common import RUNS_DIR, bccd_data, machine_info, markdown_table, report_header, \
     write_results
+from benchmarks.harness.commands import command_line
+from benchmarks.harness.timer import round_robin
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
 

@@ -17,9 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, fmt,
+from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, fmt,
                                fmt_spread, hyp_file, machine_info, markdown_table, model_cfg, report_header,
                                resolve_data, results_path, training_parser, write_results)
+from benchmarks.harness.commands import command_line
 from utils.core.errors import cli_main
 from utils.core.log import LOGGER, setup_logging
 

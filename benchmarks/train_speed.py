@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line,
+from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive,
                                count_images, fmt, hyp_file, machine_info, markdown_table, model_cfg, read_results_csv,
                                report_header, resolve_data, results_path, train_rate, training_parser, write_results)
+from benchmarks.harness.commands import command_line
 from utils.core.errors import UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
 
