@@ -2,7 +2,7 @@
 
 - the command-line flags every training benchmark takes, and the ``--dry-run`` shrink that turns a
   GPU benchmark into a CPU check of a few seconds per run on a tiny synthetic set;
-- the data: BCCD converted once into a cache folder, or the dry-run synthetic set (with a test split);
+- the data: a data.yaml (BCCD by default, converted by its data config), or the dry-run synthetic set;
 - :class:`Runner`, which runs ``train.py`` / ``train_distill.py`` / ``val.py`` as subprocesses (each
   run in its own folder with its log), reuses finished runs with ``--reuse`` and reads the results;
 - the report: machine description, markdown tables, mean and spread, results JSON.
@@ -37,8 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = ROOT / "models" / "detect"
 HYP_DIR = ROOT / "hyp"
 RUNS_DIR = ROOT / "runs" / "benchmarks"
-DATA_CACHE = RUNS_DIR / "data"  # converted BCCD, shared by every benchmark
-BCCD_CANDIDATES = (ROOT / "data" / "bccd",)  # bundled in the repository
+BCCD_DATA = ROOT / "data" / "bccd.yaml"  # its convert: block makes the YOLO labels on first use
 RUN_MARKER = "benchmark-run.json"  # written into a run folder once its command succeeded
 PENDING_MARKER = "benchmark-pending.json"  # written when a run starts: --reuse resumes it from last.pt
 LOG_TAIL_LINES = 15
@@ -75,8 +74,7 @@ def training_parser(description: str, epochs: int, work_name: str) -> argparse.A
     add("--cache", default="ram", choices=["ram", "off"], help="cache decoded training images in RAM")
     add("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision of train.py")
     add("--gpu-augment", action="store_true", help="train with --gpu-augment (augmentation on the GPU)")
-    add("--data", default="", help="a converted data.yaml with train/val/test (default: convert --bccd)")
-    add("--bccd", default="", help="the BCCD Pascal VOC folder (default: data/bccd)")
+    add("--data", default="", help="a data.yaml with train/val/test (default: data/bccd.yaml)")
     add("--work", default=str(RUNS_DIR / work_name), help="folder for the runs, their logs and the results")
     add("--reuse", action="store_true",
         help="keep the finished runs of an earlier call in --work whose command is unchanged, instead of rerunning")
@@ -127,33 +125,6 @@ def hyp_file(name: str, flag: str = "--hyp") -> Path:
 
 
 # ------------------------------------------------------------------------------------------- data
-def find_bccd(source: str = "") -> Path:
-    """The BCCD VOC folder: ``source`` or the first known location that exists."""
-    candidates = [Path(source)] if source else list(BCCD_CANDIDATES)
-    for path in candidates:
-        if (path / "Annotations").is_dir():
-            return path.resolve()
-    raise UserError(f"--bccd: no Pascal VOC folder at {', '.join(map(str, candidates))}")
-
-
-def bccd_data(source: str = "", cache: Path = DATA_CACHE) -> Path:
-    """BCCD converted to YOLO labels (train/val/test = 205/87/72) in ``cache``; converted once."""
-    from utils.convert import convert_voc
-
-    dst = cache / "bccd"
-    yaml_file = dst / "data.yaml"
-    if yaml_file.is_file():
-        return yaml_file
-    tmp = cache / f".bccd.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    convert_voc(find_bccd(source), tmp)  # images are absolute symlinks: the folder can be renamed
-    try:
-        os.rename(tmp, dst)
-    except OSError:  # another benchmark converted it meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-    return yaml_file
-
-
 def dry_run_data(work: Path) -> Path:
     """A tiny synthetic set for ``--dry-run``; its val images double as the test split."""
     import yaml
@@ -170,17 +141,16 @@ def dry_run_data(work: Path) -> Path:
 
 
 def resolve_data(opt: argparse.Namespace) -> Path:
-    """The data.yaml a benchmark trains on: dry-run synthetic, ``--data``, or converted BCCD."""
+    """The data.yaml a benchmark trains on: dry-run synthetic, ``--data``, or BCCD (data/bccd.yaml,
+    converted by the data config on first use)."""
+    from utils.data.config import load_data_config
+
     if opt.dry_run:
         return dry_run_data(Path(opt.work))
-    if opt.data:
-        from utils.data.config import load_data_config
-
-        config = load_data_config(opt.data)
-        if not config.get("val") or not config.get("test"):
-            raise UserError(f"--data {opt.data} needs both a val and a test split")
-        return Path(config["yaml_file"])
-    return bccd_data(opt.bccd)
+    config = load_data_config(opt.data or BCCD_DATA)
+    if not config.get("val") or not config.get("test"):
+        raise UserError(f"--data {opt.data} needs both a val and a test split")
+    return Path(config["yaml_file"])
 
 
 def count_images(split: str | list[str]) -> int:

@@ -7,7 +7,7 @@
 
 Steps, in order of value (``prepare`` always runs first):
 
-0. prepare: machine, installed packages, the data (BCCD through benchmarks/common.py; when BCCD is
+0. prepare: machine, installed packages, the data (BCCD through data/bccd.yaml; when BCCD is
    missing the speed steps run on a synthetic set of BCCD's size, marked as such, and the
    accuracy step is skipped).
 1. train_speed: train.py end to end (real loader, augmentation, loss, optimizer, EMA) on BCCD at
@@ -87,7 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="steps to run (prepare always runs)")
     add("--work", default=str(RUNS_DIR.parent / "gpu_proof"), help="folder for the runs and their logs")
     add("--data", default="", help="a data.yaml with train/val/test instead of BCCD")
-    add("--bccd", default="", help="the BCCD Pascal VOC folder (default: where benchmarks/common.py looks)")
     add("--device", default="", help="cuda device; '' = the first GPU")
     add("--workers", type=int, default=16, help="loader workers (capped at the CPU count - 1)")
     add("--accuracy-model", default="gelan-s",

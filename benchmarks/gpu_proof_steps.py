@@ -172,7 +172,7 @@ def step_prepare(ctx: Context) -> None:
     opt = ctx.opt
     result: dict = {"machine": machine_info(_gpu_or_cpu(opt)), "environment": environment()}
     ctx.record(result)
-    data_opt = argparse.Namespace(dry_run=opt.dry_run, data=opt.data, bccd=opt.bccd, work=str(ctx.work))
+    data_opt = argparse.Namespace(dry_run=opt.dry_run, data=opt.data, work=str(ctx.work))
     try:
         yaml_file, kind, note = resolve_data(data_opt), "dry-run synthetic" if opt.dry_run else "BCCD", ""
         if opt.data:

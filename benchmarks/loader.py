@@ -34,7 +34,7 @@ import cv2
 import torch
 import yaml
 
-from benchmarks.common import bccd_data
+from benchmarks.common import BCCD_DATA
 from benchmarks.harness.machine import machine_info
 from benchmarks.harness.commands import command_line
 from utils.core.device import select_device
@@ -45,7 +45,6 @@ from utils.data.dataset import LoaderOptions, create_dataloader
 from utils.data.gpu_augment import GPUAugment
 
 ROOT = Path(__file__).resolve().parents[1]
-BCCD_ROOT = ROOT / "data" / "bccd"  # bundled in the repository
 SYNTHETIC_YAML = ROOT / "data" / "synthetic.yaml"
 DEFAULT_HYP = ROOT / "hyp" / "hyp.scratch-high.yaml"
 DEFAULT_WORKERS = 8
@@ -83,12 +82,10 @@ def _check(opt: argparse.Namespace) -> None:
 
 
 def resolve_train_split(data: str, tmp_dir: str) -> tuple[str | list[str], str]:
-    """The train split to read and a short description of it (converting BCCD when asked)."""
+    """The train split to read and a short description of it (BCCD through its data config)."""
     if data == "bccd":
-        if not BCCD_ROOT.is_dir():
-            raise UserError(f"--data bccd: {BCCD_ROOT} not found (use --data synthetic or a data.yaml)")
-        config = load_data_config(bccd_data(str(BCCD_ROOT), Path(tmp_dir)))
-        name = "BCCD train (converted to a temporary folder)"
+        config = load_data_config(BCCD_DATA)
+        name = "BCCD train (data/bccd.yaml)"
     elif data == "synthetic":
         config = load_data_config(SYNTHETIC_YAML)
         name = "synthetic train (data/synthetic.yaml)"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RUNS_DIR, bccd_data, machine_info, markdown_table, report_header, \
+from benchmarks.common import BCCD_DATA, RUNS_DIR, machine_info, markdown_table, report_header, \
     write_results
 from benchmarks.harness.commands import command_line
 from benchmarks.harness.timer import round_robin
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UserError(f"--weights {' '.join(missing)} does not exist")
-    data = opt.data or str(bccd_data())
+    data = opt.data or str(BCCD_DATA)
     info = machine_info("cpu")
     command = command_line("quant_bccd", argv)
     runs = [run_checkpoint(path, opt, data) for path in paths]

@@ -3,6 +3,7 @@
 The dry runs use --in-process (no interpreter start per run) and one small model each, to stay fast.
 """
 
+import argparse
 import json
 import math
 import shutil
@@ -370,15 +371,15 @@ def test_distill_gain_dry_run(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2 and "--reuse-from" in capsys.readouterr().err
 
 
-def test_bccd_is_converted_once_into_the_cache(bccd_root, tmp_path):
+def test_benchmarks_without_data_train_on_bccd_through_its_data_config(tmp_path):
     from utils.data.config import load_data_config
 
-    yaml_file = common.bccd_data(str(bccd_root), tmp_path)
+    opt = argparse.Namespace(dry_run=False, data="", work=str(tmp_path))
+    yaml_file = common.resolve_data(opt)
+    assert yaml_file == common.BCCD_DATA
     config = load_data_config(yaml_file)
     assert config["names"] == ["RBC", "WBC", "Platelets"]
     assert [common.count_images(config[s]) for s in ("train", "val", "test")] == [205, 87, 72]
-    stamp = yaml_file.stat().st_mtime_ns
-    assert common.bccd_data(str(bccd_root), tmp_path) == yaml_file and yaml_file.stat().st_mtime_ns == stamp
 
 
 def test_model_sizes_reports_official_counts(capsys):
