@@ -44,9 +44,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, RUNS_DIR, fmt, markdown_table, model_cfg, write_results
 from benchmarks.gpu_proof_steps import PREPARE, STEP_NAMES, STEPS, Context, Step, step_file
-from benchmarks.harness.commands import command_line
+from benchmarks.harness.cli import RUNS_DIR, model_cfg
+from benchmarks.harness.commands import ROOT, command_line
+from benchmarks.harness.results import fmt, markdown_table, write_results
 from utils.core.atomic import atomic_write_text
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging

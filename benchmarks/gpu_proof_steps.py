@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.common import (DRY, ROOT, Runner, TrainSettings, count_images, fmt, hyp_file, machine_info,
-                               markdown_table, model_cfg, read_results_csv, resolve_data, train_rate)
+from benchmarks.harness.cli import DRY, hyp_file, model_cfg
+from benchmarks.harness.commands import ROOT
+from benchmarks.harness.data import count_images, resolve_data
+from benchmarks.harness.machine import machine_info
+from benchmarks.harness.results import fmt, markdown_table
+from benchmarks.harness.runner import Runner, TrainSettings, read_results_csv, train_rate
 from benchmarks.harness.timer import round_robin
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
@@ -164,7 +168,7 @@ def timed_run(runner: Runner, name: str, model: str, hyp: str, settings: TrainSe
 
 
 def step_prepare(ctx: Context) -> None:
-    """Machine, packages and the data: BCCD via common.resolve_data, else a synthetic stand-in."""
+    """Machine, packages and the data: BCCD via harness.data.resolve_data, else a synthetic stand-in."""
     import yaml
 
     from utils.data.config import load_data_config

@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ import cv2
 import torch
 import yaml
 
-from benchmarks.common import BCCD_DATA
-from benchmarks.harness.machine import machine_info
 from benchmarks.harness.commands import command_line
+from benchmarks.harness.data import BCCD_DATA
+from benchmarks.harness.machine import machine_info
 from utils.core.device import select_device
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging

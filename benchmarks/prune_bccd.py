@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BCCD_DATA
 from benchmarks.harness.commands import display
+from benchmarks.harness.data import BCCD_DATA
 from benchmarks.harness.machine import machine_info
 from benchmarks.latency import machine_line, time_onnxruntime
 from models.info import count_params, gflops

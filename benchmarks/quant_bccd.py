@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import BCCD_DATA, RUNS_DIR, machine_info, markdown_table, report_header, \
-    write_results
+from benchmarks.harness.cli import RUNS_DIR
 from benchmarks.harness.commands import command_line
+from benchmarks.harness.data import BCCD_DATA
+from benchmarks.harness.machine import machine_info
+from benchmarks.harness.results import markdown_table, report_header, write_results
 from benchmarks.harness.timer import round_robin
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import fmt, machine_info, markdown_table, report_header, write_results
 from benchmarks.harness.commands import command_line
+from benchmarks.harness.machine import machine_info
+from benchmarks.harness.results import fmt, markdown_table, report_header, write_results
 from benchmarks.harness.timer import round_robin
 from utils.checkpoint.ours import load_model
 from utils.core.errors import ArgumentParser, UserError, cli_main

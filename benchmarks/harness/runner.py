@@ -1,11 +1,6 @@
-"""Helpers shared by the training benchmarks (train_bccd, train_speed, distill_gain).
-
-- the command-line flags every training benchmark takes, and the ``--dry-run`` shrink that turns a
-  GPU benchmark into a CPU check of a few seconds per run on a tiny synthetic set;
-- the data: a data.yaml (BCCD by default, converted by its data config), or the dry-run synthetic set;
-- :class:`Runner`, which runs ``train.py`` / ``train_distill.py`` / ``val.py`` as subprocesses (each
-  run in its own folder with its log), reuses finished runs with ``--reuse`` and reads the results;
-- the report: machine description, markdown tables, mean and spread, results JSON.
+"""The runner: the entry scripts (``train.py``, ``train_distill.py``, ``val.py``) run as subprocesses
+or in this process, one folder per run with its log, finished runs reused with ``--reuse`` (matched by
+command string and hyp bytes) and interrupted ones resumed; and the readers of a run's results.csv.
 """
 
 from __future__ import annotations
@@ -23,152 +18,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-import torch
-
-from benchmarks.harness.commands import display
-from benchmarks.harness.machine import cpu_name, machine_info  # noqa: F401  (re-exported to the benchmarks)
+from benchmarks.harness.commands import ROOT, display
 from utils.core.atomic import atomic_write_text
-from utils.core.errors import ArgumentParser, UserError
+from utils.core.errors import UserError
 from utils.core.log import LOGGER
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS_DIR = ROOT / "models" / "detect"
-HYP_DIR = ROOT / "hyp"
-RUNS_DIR = ROOT / "runs" / "benchmarks"
-BCCD_DATA = ROOT / "data" / "bccd.yaml"  # its convert: block makes the YOLO labels on first use
+
 RUN_MARKER = "benchmark-run.json"  # written into a run folder once its command succeeded
 PENDING_MARKER = "benchmark-pending.json"  # written when a run starts: --reuse resumes it from last.pt
 LOG_TAIL_LINES = 15
 
 
-@dataclass(frozen=True)
-class DryRun:
-    """What ``--dry-run`` shrinks a benchmark to: a CPU check, not a measurement."""
-
-    img: int = 64
-    batch: int = 4
-    epochs: int = 2
-    max_batches: int = 2
-    workers: int = 0
-    threads: int = 2  # the CPU machines that run dry runs are shared
-    n_train: int = 16
-    n_val: int = 8
-    seed: int = 0
-
-
-DRY = DryRun()
-
-
-# ------------------------------------------------------------------------------------------ flags
-def training_parser(description: str, epochs: int, work_name: str) -> argparse.ArgumentParser:
-    """A parser with the flags every training benchmark shares; scripts add their own."""
-    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add("--epochs", type=int, default=epochs, help="training epochs per run")
-    add("--batch", "--batch-size", dest="batch", type=int, default=16, help="training batch size")
-    add("--img", "--imgsz", dest="img", type=int, default=640, help="train and val image size (px)")
-    add("--device", default="", help="cuda device (0) or cpu; '' = the first GPU when there is one")
-    add("--workers", type=int, default=8, help="data loader workers per run")
-    add("--cache", default="ram", choices=["ram", "off"], help="cache decoded training images in RAM")
-    add("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision of train.py")
-    add("--gpu-augment", action="store_true", help="train with --gpu-augment (augmentation on the GPU)")
-    add("--data", default="", help="a data.yaml with train/val/test (default: data/bccd.yaml)")
-    add("--work", default=str(RUNS_DIR / work_name), help="folder for the runs, their logs and the results")
-    add("--reuse", action="store_true",
-        help="keep the finished runs of an earlier call in --work whose command is unchanged, instead of rerunning")
-    add("--out", default="", help="results JSON (default: WORK/results.json)")
-    add("--dry-run", action="store_true",
-        help=f"CPU check: synthetic set, {DRY.epochs} epochs at most, --img {DRY.img}, --max-batches {DRY.max_batches}")
-    add("--in-process", action="store_true", help="run train.py/val.py inside this process (quicker start; tests)")
-    return parser
-
-
-def check_positive(opt: argparse.Namespace, names: Sequence[str]) -> None:
-    """UserError naming the first of ``names`` (flag attributes) that is not a positive integer."""
-    for name in names:
-        value = getattr(opt, name)
-        if value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if opt.workers < 0:
-        raise UserError(f"--workers must not be negative, got {opt.workers}")
-
-
-def apply_dry_run(opt: argparse.Namespace) -> None:
-    """Shrink the shared flags in place for ``--dry-run`` (CPU, tiny images, few batches)."""
-    opt.max_batches = DRY.max_batches if opt.dry_run else 0
-    if not opt.dry_run:
-        return
-    opt.img, opt.batch, opt.workers = DRY.img, DRY.batch, DRY.workers
-    opt.epochs = min(opt.epochs, DRY.epochs)
-    opt.device, opt.amp = "cpu", "off"
-    torch.set_num_threads(min(torch.get_num_threads(), DRY.threads))
-
-
-def model_cfg(name: str, flag: str = "--models") -> Path:
-    """A model yaml from a name (``gelan-s``) or a path; UserError naming ``flag`` when it does not exist."""
-    path = Path(name)
-    if path.suffix not in (".yaml", ".yml"):
-        path = MODELS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"{flag} {name}: {path} not found (give a name from models/detect/ or a yaml path)")
-    return path.resolve()
-
-
-def hyp_file(name: str, flag: str = "--hyp") -> Path:
-    """A hyp yaml from a path or a bare file name in hyp/; UserError naming ``flag`` when it does not exist."""
-    for path in (Path(name), HYP_DIR / name):
-        if path.is_file():
-            return path.resolve()
-    raise UserError(f"{flag} {name}: file not found (give a path or a file name in hyp/)")
-
-
-# ------------------------------------------------------------------------------------------- data
-def dry_run_data(work: Path) -> Path:
-    """A tiny synthetic set for ``--dry-run``; its val images double as the test split."""
-    import yaml
-
-    from utils.data.synthetic import generate
-
-    root = work / "data" / "synthetic-dry"
-    shutil.rmtree(root, ignore_errors=True)
-    yaml_file = generate(root, DRY.n_train, DRY.n_val, DRY.img, DRY.seed)
-    config = yaml.safe_load(yaml_file.read_text())
-    config["test"] = config["val"]
-    yaml_file.write_text("# dry-run set: synthetic, test = val\n" + yaml.safe_dump(config, sort_keys=False))
-    return yaml_file
-
-
-def resolve_data(opt: argparse.Namespace) -> Path:
-    """The data.yaml a benchmark trains on: dry-run synthetic, ``--data``, or BCCD (data/bccd.yaml,
-    converted by the data config on first use)."""
-    from utils.data.config import load_data_config
-
-    if opt.dry_run:
-        return dry_run_data(Path(opt.work))
-    config = load_data_config(opt.data or BCCD_DATA)
-    if not config.get("val") or not config.get("test"):
-        raise UserError(f"--data {opt.data} needs both a val and a test split")
-    return Path(config["yaml_file"])
-
-
-def count_images(split: str | list[str]) -> int:
-    """Images in a split as utils.data.config resolves it (folders or list files); the suffixes the
-    data loader reads."""
-    from utils.data.labels import IMG_FORMATS
-
-    total = 0
-    for entry in split if isinstance(split, list) else [split]:
-        path = Path(entry)
-        if path.is_dir():
-            total += sum(1 for p in path.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
-        else:
-            total += sum(1 for line in path.read_text().splitlines() if line.strip())
-    return total
-
-
-# ---------------------------------------------------------------------------------------- running
 class RunFailed(UserError):
     """A train/val command exited with an error; the message names its log."""
 
@@ -334,7 +195,6 @@ class Runner:
         return json.loads(metrics_file.read_text())
 
 
-# ---------------------------------------------------------------------------------------- results
 def read_results_csv(run_dir: str | Path) -> list[dict[str, float]]:
     """The rows of a run's results.csv as floats (empty cells become NaN)."""
     with open(Path(run_dir) / "results.csv", newline="") as f:
@@ -361,51 +221,3 @@ def epoch_seconds(run_dir: str | Path) -> float:
     if not (Path(run_dir) / "results.csv").is_file():
         return 0.0
     return sum(t for row in read_results_csv(run_dir) if math.isfinite(t := row.get("time/epoch_s", math.nan)))
-
-
-def mean_spread(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value) of ``values``."""
-    values = [float(v) for v in values]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    """A number for a table cell; '-' for missing or NaN."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def fmt_spread(values: Sequence[float], digits: int = 3) -> str:
-    """``mean ± std`` over seeds (just the value for one seed)."""
-    mean, std = mean_spread(values)
-    return fmt(mean, digits) if len(values) < 2 else f"{fmt(mean, digits)} ± {fmt(std, digits)}"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub markdown table (cells converted with ``str``)."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def report_header(title: str, info: dict, command: str, dry_run: bool) -> str:
-    """Title, machine, date and command lines above a benchmark's tables."""
-    lines = [f"## {title}" + (" (DRY RUN: a CPU check on a tiny synthetic set, not a result)" if dry_run else ""),
-             "",
-             f"Machine: GPU {info['gpu']}; CPU {info['cpu']} ({info['cpus']} CPUs); torch {info['torch']}, "
-             f"Python {info['python']}. Date: {info['date']}.",
-             f"Command: `{command}`", ""]
-    return "\n".join(lines)
-
-
-def write_results(path: str | Path, payload: dict) -> Path:
-    """Write the results JSON (atomically: an interrupted benchmark leaves the previous file)."""
-    return atomic_write_text(path, json.dumps(payload, indent=1, default=str) + "\n")
-
-
-def results_path(opt: argparse.Namespace) -> Path:
-    """Where the results JSON goes: ``--out``, else ``WORK/results.json``."""
-    return Path(opt.out) if opt.out else Path(opt.work) / "results.json"
