@@ -49,11 +49,13 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, cpu_name,
-                               display, fmt,
-                               fmt_spread, hyp_file, machine_info, markdown_table, mean_spread, model_cfg,
-                               read_results_csv, report_header, resolve_data, results_path, train_rate,
-                               training_parser, write_results)
+from benchmarks.harness.cli import DRY, apply_dry_run, check_positive, hyp_file, model_cfg, training_parser
+from benchmarks.harness.commands import command_line, display
+from benchmarks.harness.data import resolve_data
+from benchmarks.harness.machine import cpu_name, machine_info
+from benchmarks.harness.results import (fmt, fmt_spread, markdown_table, mean_spread, report_header, results_path,
+                                        write_results)
+from benchmarks.harness.runner import Runner, TrainSettings, read_results_csv, train_rate
 from utils.core.atomic import atomic_write_text
 from utils.core.errors import UserError, cli_main
 from utils.core.log import LOGGER, setup_logging

@@ -7,7 +7,7 @@
 
 Steps, in order of value (``prepare`` always runs first):
 
-0. prepare: machine, installed packages, the data (BCCD through benchmarks/common.py; when BCCD is
+0. prepare: machine, installed packages, the data (BCCD through data/bccd.yaml; when BCCD is
    missing the speed steps run on a synthetic set of BCCD's size, marked as such, and the
    accuracy step is skipped).
 1. train_speed: train.py end to end (real loader, augmentation, loss, optimizer, EMA) on BCCD at
@@ -38,15 +38,16 @@ import json
 import math
 import os
 import resource
-import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, RUNS_DIR, fmt, markdown_table, model_cfg, write_results
 from benchmarks.gpu_proof_steps import PREPARE, STEP_NAMES, STEPS, Context, Step, step_file
+from benchmarks.harness.cli import RUNS_DIR, model_cfg
+from benchmarks.harness.commands import ROOT, command_line
+from benchmarks.harness.results import fmt, markdown_table, write_results
 from utils.core.atomic import atomic_write_text
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
@@ -87,7 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="steps to run (prepare always runs)")
     add("--work", default=str(RUNS_DIR.parent / "gpu_proof"), help="folder for the runs and their logs")
     add("--data", default="", help="a data.yaml with train/val/test instead of BCCD")
-    add("--bccd", default="", help="the BCCD Pascal VOC folder (default: where benchmarks/common.py looks)")
     add("--device", default="", help="cuda device; '' = the first GPU")
     add("--workers", type=int, default=16, help="loader workers (capped at the CPU count - 1)")
     add("--accuracy-model", default="gelan-s",
@@ -136,7 +136,7 @@ class Orchestrator:
         self.caps = dict(opt.step_budget)
         self.child: subprocess.Popen | None = None
         self.payload = {
-            "benchmark": "gpu_proof", "dry_run": opt.dry_run, "command": command_line(argv),
+            "benchmark": "gpu_proof", "dry_run": opt.dry_run, "command": command_line("gpu_proof", argv),
             "started": now(), "finished": None, "budget_s": opt.budget_s, "machine": None, "environment": None,
             "steps": {s.name: {"title": s.title, "status": "pending" if s in self.selected else "not selected",
                                "reason": None, "budget_s": None, "elapsed_s": None, "cpu_s": None, "result": {}}
@@ -316,11 +316,6 @@ def last_error(log: Path) -> str:
 def now() -> str:
     """The local time with its offset, to the second."""
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def command_line(argv: list[str]) -> str:
-    """How this command was started, as a runnable line."""
-    return "python -m benchmarks.gpu_proof " + shlex.join(argv)
 
 
 # ---------------------------------------------------------------------------------------- report

@@ -21,8 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.common import (DRY, ROOT, Runner, TrainSettings, count_images, fmt, hyp_file, machine_info,
-                               markdown_table, model_cfg, read_results_csv, resolve_data, train_rate)
+from benchmarks.harness.cli import DRY, hyp_file, model_cfg
+from benchmarks.harness.commands import ROOT
+from benchmarks.harness.data import count_images, resolve_data
+from benchmarks.harness.machine import machine_info
+from benchmarks.harness.results import fmt, markdown_table
+from benchmarks.harness.runner import Runner, TrainSettings, read_results_csv, train_rate
+from benchmarks.harness.timer import round_robin
 from utils.core.errors import UserError
 from utils.core.log import LOGGER
 
@@ -163,7 +168,7 @@ def timed_run(runner: Runner, name: str, model: str, hyp: str, settings: TrainSe
 
 
 def step_prepare(ctx: Context) -> None:
-    """Machine, packages and the data: BCCD via common.resolve_data, else a synthetic stand-in."""
+    """Machine, packages and the data: BCCD via harness.data.resolve_data, else a synthetic stand-in."""
     import yaml
 
     from utils.data.config import load_data_config
@@ -171,7 +176,7 @@ def step_prepare(ctx: Context) -> None:
     opt = ctx.opt
     result: dict = {"machine": machine_info(_gpu_or_cpu(opt)), "environment": environment()}
     ctx.record(result)
-    data_opt = argparse.Namespace(dry_run=opt.dry_run, data=opt.data, bccd=opt.bccd, work=str(ctx.work))
+    data_opt = argparse.Namespace(dry_run=opt.dry_run, data=opt.data, work=str(ctx.work))
     try:
         yaml_file, kind, note = resolve_data(data_opt), "dry-run synthetic" if opt.dry_run else "BCCD", ""
         if opt.data:
@@ -405,15 +410,16 @@ def step_latency(ctx: Context) -> None:
     ctx.record(result)
     for batch in batches:
         x = torch.rand(batch, 3, img, img, device=device, dtype=torch.float16 if cuda else torch.float32)
-        times = round_robin([lambda m=m: m(x) for m in models], warmup, runs,
-                            (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None))
+        with torch.inference_mode():
+            times = round_robin([lambda m=m: m(x) for m in models], warmup, runs,
+                                (lambda: torch.cuda.synchronize(device)) if cuda else None)
         for record, model_times in zip(result["models"], times):
             record[f"torch_b{batch}"] = summary(model_times, batch)
         ctx.record(result)
     if ort_device:
         for batch in batches:
             calls = [ort_call(r["onnx"], batch, img, ort_device) for r in result["models"]]
-            for record, model_times in zip(result["models"], round_robin(calls, warmup, runs, lambda: None)):
+            for record, model_times in zip(result["models"], round_robin(calls, warmup, runs)):
                 record[f"ort_b{batch}"] = summary(model_times, batch)
             ctx.record(result)
 
@@ -457,26 +463,6 @@ def ort_call(onnx_path: str, batch: int, img: int, device: str) -> Callable[[], 
         binding.synchronize_outputs()
 
     return call
-
-
-def round_robin(calls: list[Callable[[], object]], warmup: int, runs: int,
-                sync: Callable[[], None]) -> list[list[float]]:
-    """Seconds per run of each call, the calls taking turns (a change of machine load hits them alike)."""
-    import torch
-
-    times: list[list[float]] = [[] for _ in calls]
-    with torch.inference_mode():
-        for call in calls:
-            for _ in range(warmup):
-                call()
-        sync()
-        for _ in range(runs):
-            for i, call in enumerate(calls):
-                start = time.perf_counter()
-                call()
-                sync()
-                times[i].append(time.perf_counter() - start)
-    return times
 
 
 def summary(times: list[float], batch: int) -> dict:

@@ -19,13 +19,14 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.harness.commands import command_line
 from benchmarks.harness.machine import NO_GPU, machine_info
+from benchmarks.harness.timer import round_robin
 from models.info import count_params, gflops
 from models.yolo import DetectionModel
 from utils.checkpoint.ours import make_checkpoint, save_checkpoint
@@ -85,15 +86,7 @@ def time_onnxruntime(records: list[dict], img: int, threads: int, warmup: int, r
     """Round-robin timed ORT runs; adds ``ort_cpu`` (median_ms, p90_ms) to each record."""
     x = np.random.default_rng(0).random((1, 3, img, img), dtype=np.float32)
     sessions = [ort_session(r["onnx"], threads=threads, inter_op_threads=1, sequential=True) for r in records]
-    for session in sessions:
-        for _ in range(warmup):
-            session.run(None, {"images": x})
-    times: list[list[float]] = [[] for _ in records]
-    for _ in range(runs):
-        for i, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, {"images": x})
-            times[i].append(time.perf_counter() - start)
+    times = round_robin([lambda s=s: s.run(None, {"images": x}) for s in sessions], warmup, runs)
     for record, model_times in zip(records, times):
         record["ort_cpu"] = _summary(model_times)
 
@@ -104,22 +97,12 @@ def time_torch_fp16(records: list[dict], img: int, warmup: int, runs: int) -> No
     x = torch.rand(1, 3, img, img, device=device, dtype=torch.float16)
     models = [r["torch_model"].to(device).half() for r in records]
     with torch.inference_mode():
-        for model in models:
-            for _ in range(warmup):
-                model(x)
-        torch.cuda.synchronize(device)
-        times: list[list[float]] = [[] for _ in records]
-        for _ in range(runs):
-            for i, model in enumerate(models):
-                start = time.perf_counter()
-                model(x)
-                torch.cuda.synchronize(device)
-                times[i].append(time.perf_counter() - start)
+        times = round_robin([lambda m=m: m(x) for m in models], warmup, runs, lambda: torch.cuda.synchronize(device))
     for record, model_times in zip(records, times):
         record["torch_fp16_gpu"] = _summary(model_times)
 
 
-def markdown(records: list[dict], info: dict, opt: argparse.Namespace) -> str:
+def markdown(records: list[dict], info: dict, opt: argparse.Namespace, command: str) -> str:
     """The results table (ratios = model median / reference median) with the machine and command."""
     gpu = "torch_fp16_gpu" in records[0]
     head = "| model | params (M) | GFLOPs | ORT CPU median (ms) | p90 (ms) | ratio |"
@@ -139,8 +122,7 @@ def markdown(records: list[dict], info: dict, opt: argparse.Namespace) -> str:
     machine = machine_line(info)
     settings = (f"Batch 1, {opt.img}x{opt.img}, nc={opt.nc}, {opt.threads} threads, {opt.warmup} warm-up + "
                 f"{opt.runs} timed runs per model (round-robin); ratio = median / {reference['model']} median.")
-    command = "Command: `python -m benchmarks.latency " + " ".join(sys.argv[1:]) + "`"
-    return "\n".join([*lines, "", machine, settings, command])
+    return "\n".join([*lines, "", machine, settings, f"Command: `{command}`"])
 
 
 @cli_main
@@ -153,7 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         time_onnxruntime(records, opt.img, opt.threads, opt.warmup, opt.runs)
         if torch.cuda.is_available():
             time_torch_fp16(records, opt.img, opt.warmup, opt.runs)
-    print(markdown(records, info, opt))
+    print(markdown(records, info, opt, command_line("latency", argv)))
     results = [{k: v for k, v in r.items() if k not in ("torch_model", "onnx")} for r in records]
     if opt.out:
         out = Path(opt.out)

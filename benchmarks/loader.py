@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +33,8 @@ import cv2
 import torch
 import yaml
 
-from benchmarks.common import bccd_data
+from benchmarks.harness.commands import command_line
+from benchmarks.harness.data import BCCD_DATA
 from benchmarks.harness.machine import machine_info
 from utils.core.device import select_device
 from utils.core.errors import ArgumentParser, UserError, cli_main
@@ -44,7 +44,6 @@ from utils.data.dataset import LoaderOptions, create_dataloader
 from utils.data.gpu_augment import GPUAugment
 
 ROOT = Path(__file__).resolve().parents[1]
-BCCD_ROOT = ROOT / "data" / "bccd"  # bundled in the repository
 SYNTHETIC_YAML = ROOT / "data" / "synthetic.yaml"
 DEFAULT_HYP = ROOT / "hyp" / "hyp.scratch-high.yaml"
 DEFAULT_WORKERS = 8
@@ -82,12 +81,10 @@ def _check(opt: argparse.Namespace) -> None:
 
 
 def resolve_train_split(data: str, tmp_dir: str) -> tuple[str | list[str], str]:
-    """The train split to read and a short description of it (converting BCCD when asked)."""
+    """The train split to read and a short description of it (BCCD through its data config)."""
     if data == "bccd":
-        if not BCCD_ROOT.is_dir():
-            raise UserError(f"--data bccd: {BCCD_ROOT} not found (use --data synthetic or a data.yaml)")
-        config = load_data_config(bccd_data(str(BCCD_ROOT), Path(tmp_dir)))
-        name = "BCCD train (converted to a temporary folder)"
+        config = load_data_config(BCCD_DATA)
+        name = "BCCD train (data/bccd.yaml)"
     elif data == "synthetic":
         config = load_data_config(SYNTHETIC_YAML)
         name = "synthetic train (data/synthetic.yaml)"
@@ -214,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info = machine_info(device)
     settings = dict(data=data_name, img=opt.img, batch=opt.batch, batches=opt.batches, warmup=opt.warmup,
                     workers=opt.workers, device=str(device), hyp=hyp_file.name,
-                    command="python -m benchmarks.loader " + " ".join(sys.argv[1:] if argv is None else argv))
+                    command=command_line("loader", argv))
     print(markdown(results, info, settings))
     if opt.out:
         out = Path(opt.out)

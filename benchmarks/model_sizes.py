@@ -8,13 +8,13 @@ weights included), GFLOPs of the unfused model.
 from __future__ import annotations
 
 import datetime
-import sys
 from pathlib import Path
 
 import torch
 
 from models.info import count_params, gflops
 from models.yolo import DetectionModel
+from benchmarks.harness.commands import command_line
 from utils.core.errors import ArgumentParser, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\nimg {opt.img}; torch {torch.__version__}; {datetime.date.today().isoformat()}; "
-          f"command: python -m benchmarks.model_sizes {' '.join(argv if argv is not None else sys.argv[1:])}")
+          f"command: {command_line('model_sizes', argv)}")
     return rows
 
 

@@ -10,7 +10,7 @@ unpruned student. Prints a markdown table with the command, the machine and the 
 Run from the repository root (a GPU machine for the fine-tunes):
     python -m benchmarks.prune_bccd --weights runs/distill/yolov9-tiny/weights/best.pt \
         --teacher runs/train/gelan-s/weights/best.pt --epochs 30 --device 0
-Without ``--data`` BCCD is converted first (``python -m utils.convert voc <bccd> <project>/bccd``).
+Without ``--data`` it trains on data/bccd.yaml, which converts BCCD on first use.
 Each step is a subprocess of the entry scripts; the steps' commands go to ``--out`` (JSON).
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness.commands import display
+from benchmarks.harness.data import BCCD_DATA
 from benchmarks.harness.machine import machine_info
 from benchmarks.latency import machine_line, time_onnxruntime
 from models.info import count_params, gflops
@@ -34,7 +35,6 @@ from utils.export.model import prepare_model
 from utils.export.onnx import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-BCCD = ROOT / "data" / "bccd"  # bundled in the repository
 MEGA = 1e6
 
 
@@ -43,8 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--weights", required=True, help="the distilled student (e.g. yolov9-tiny best.pt)")
     add("--teacher", required=True, help="the teacher of the distillation (for the teacher-guided fine-tune)")
-    add("--data", default="", help="data.yaml (default: BCCD converted from --bccd)")
-    add("--bccd", default=str(BCCD), help="BCCD in Pascal VOC layout")
+    add("--data", default=str(BCCD_DATA), help="data.yaml (default: BCCD, converted by its data config)")
     add("--ratios", type=float, nargs="+", default=[0.3, 0.5], help="pruning ratios")
     add("--method", default="l1", choices=["l1", "bn-scale"], help="channel importance (prune.py --method)")
     add("--scope", default="uniform", choices=["uniform", "global"], help="prune.py --scope")
@@ -72,21 +71,11 @@ class Steps:
 
     def __call__(self, *args: str | Path) -> None:
         cmd = [sys.executable, *(str(a) for a in args)]
-        self.commands.append(shlex.join(["python", *cmd[1:]]))
+        self.commands.append(display(["python", *cmd[1:]]))
         print(f"$ {self.commands[-1]}", flush=True)
         result = subprocess.run(cmd, cwd=ROOT)
         if result.returncode:
             raise SystemExit(f"step failed (exit {result.returncode}): {self.commands[-1]}")
-
-
-def ensure_data(opt: argparse.Namespace, run: Steps) -> str:
-    """``--data``, or BCCD converted once into ``<project>/bccd``."""
-    if opt.data:
-        return opt.data
-    dst = Path(opt.project) / "bccd"
-    if not (dst / "data.yaml").is_file():
-        run("-m", "utils.convert", "voc", opt.bccd, dst)
-    return str(dst / "data.yaml")
 
 
 def fine_tune(opt: argparse.Namespace, run: Steps, data: str, weights: Path, name: str, teacher: bool) -> Path:
@@ -138,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     project = Path(opt.project)
     project.mkdir(parents=True, exist_ok=True)
     run = Steps()
-    data = ensure_data(opt, run)
+    data = opt.data
     student = Path(opt.weights)
     rows = [{"model": "student", "ratio": 0.0, "fine_tune": "-", "weights": student,
              "metrics": split_map(opt, run, data, student, "student")}]

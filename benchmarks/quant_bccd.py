@@ -24,13 +24,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RUNS_DIR, bccd_data, command_line, machine_info, markdown_table, report_header, \
-    write_results
+from benchmarks.harness.cli import RUNS_DIR
+from benchmarks.harness.commands import command_line
+from benchmarks.harness.data import BCCD_DATA
+from benchmarks.harness.machine import machine_info
+from benchmarks.harness.results import markdown_table, report_header, write_results
+from benchmarks.harness.timer import round_robin
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
 
@@ -83,16 +86,8 @@ def interleaved_latency(paths: dict[str, Path], img: int, rounds: int) -> dict[s
         inp = session.get_inputs()[0]
         dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
         sessions[name] = (session, {inp.name: np.random.default_rng(0).random((1, 3, img, img)).astype(dtype)})
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(WARMUP_RUNS):
-        for session, feed in sessions.values():
-            session.run(None, feed)
-    for _ in range(rounds):
-        for name, (session, feed) in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(t) for name, t in times.items()}
+    times = round_robin([lambda s=s, f=f: s.run(None, f) for s, f in sessions.values()], WARMUP_RUNS, rounds)
+    return {name: statistics.median(t) * 1000 for name, t in zip(sessions, times)}
 
 
 def run_checkpoint(weights: Path, opt: argparse.Namespace, data: str) -> dict:
@@ -164,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UserError(f"--weights {' '.join(missing)} does not exist")
-    data = opt.data or str(bccd_data())
+    data = opt.data or str(BCCD_DATA)
     info = machine_info("cpu")
     command = command_line("quant_bccd", argv)
     runs = [run_checkpoint(path, opt, data) for path in paths]

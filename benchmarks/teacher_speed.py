@@ -22,12 +22,14 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import command_line, fmt, machine_info, markdown_table, report_header, write_results
+from benchmarks.harness.commands import command_line
+from benchmarks.harness.machine import machine_info
+from benchmarks.harness.results import fmt, markdown_table, report_header, write_results
+from benchmarks.harness.timer import round_robin
 from utils.checkpoint.ours import load_model
 from utils.core.errors import ArgumentParser, UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
@@ -82,17 +84,13 @@ def measure(opt: argparse.Namespace) -> dict:
     images = torch.rand(opt.batch, 3, opt.img, opt.img, generator=torch.Generator().manual_seed(0))
     inputs = {name: images.to(dtype, memory_format=layout) for name, (_, dtype, layout) in forms.items()}
     reference = forward(forms["as trained"][0], images)
-    times: dict[str, list[float]] = {name: [] for name in forms}
     diffs = {}
     for name, (model, _, _) in forms.items():
         for _ in range(opt.warmup):
             maps = forward(model, inputs[name])
         diffs[name] = max(float((a - b).abs().max()) for a, b in zip(maps, reference))
-    for _ in range(opt.runs):
-        for name, (model, _, _) in forms.items():
-            start = time.perf_counter()
-            forward(model, inputs[name])
-            times[name].append(time.perf_counter() - start)
+    calls = [lambda m=model, x=inputs[name]: forward(m, x) for name, (model, _, _) in forms.items()]
+    times = dict(zip(forms, round_robin(calls, 0, opt.runs)))  # warmed up above, where the diffs are taken
     base = statistics.median(times["as trained"])
     results = {name: {"median_ms": statistics.median(t) * MS, "vs_trained": statistics.median(t) / base,
                       "max_logit_diff": diffs[name]} for name, t in times.items()}

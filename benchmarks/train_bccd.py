@@ -17,9 +17,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line, fmt,
-                               fmt_spread, hyp_file, machine_info, markdown_table, model_cfg, report_header,
-                               resolve_data, results_path, training_parser, write_results)
+from benchmarks.harness.cli import DRY, apply_dry_run, check_positive, hyp_file, model_cfg, training_parser
+from benchmarks.harness.commands import command_line
+from benchmarks.harness.data import resolve_data
+from benchmarks.harness.machine import machine_info
+from benchmarks.harness.results import fmt, fmt_spread, markdown_table, report_header, results_path, write_results
+from benchmarks.harness.runner import Runner, TrainSettings
 from utils.core.errors import cli_main
 from utils.core.log import LOGGER, setup_logging
 

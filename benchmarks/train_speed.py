@@ -30,9 +30,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (DRY, Runner, TrainSettings, apply_dry_run, check_positive, command_line,
-                               count_images, fmt, hyp_file, machine_info, markdown_table, model_cfg, read_results_csv,
-                               report_header, resolve_data, results_path, train_rate, training_parser, write_results)
+from benchmarks.harness.cli import DRY, apply_dry_run, check_positive, hyp_file, model_cfg, training_parser
+from benchmarks.harness.commands import command_line
+from benchmarks.harness.data import count_images, resolve_data
+from benchmarks.harness.machine import machine_info
+from benchmarks.harness.results import fmt, markdown_table, report_header, results_path, write_results
+from benchmarks.harness.runner import Runner, TrainSettings, read_results_csv, train_rate
 from utils.core.errors import UserError, cli_main
 from utils.core.log import LOGGER, setup_logging
 

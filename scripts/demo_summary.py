@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.common import epoch_seconds, mean_spread
+from benchmarks.harness.results import mean_spread
+from benchmarks.harness.runner import epoch_seconds
 from benchmarks.latency import time_onnxruntime
 from models.info import count_params, gflops
 from utils.checkpoint.ours import load_checkpoint, load_model

@@ -3,6 +3,7 @@
 The dry runs use --in-process (no interpreter start per run) and one small model each, to stay fast.
 """
 
+import argparse
 import json
 import math
 import shutil
@@ -13,7 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import common, distill_gain, train_bccd, train_speed
+from benchmarks import distill_gain, train_bccd, train_speed
+from benchmarks.harness.cli import hyp_file, model_cfg
+from benchmarks.harness.data import BCCD_DATA, count_images, resolve_data
+from benchmarks.harness.results import fmt, fmt_spread, markdown_table, mean_spread
+from benchmarks.harness.runner import PENDING_MARKER, RUN_MARKER, Runner, TrainSettings, read_results_csv, train_rate
+from utils.core.errors import UserError
 from utils.engine.setup import file_sha256
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,18 +50,18 @@ def test_bad_model_name_is_one_line_error(tmp_path, capsys):
 
 
 def test_table_and_statistics_helpers():
-    table = common.markdown_table(["a", "b"], [[1, "x"], [2, "y"]])
+    table = markdown_table(["a", "b"], [[1, "x"], [2, "y"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2 | y |"]
-    mean, std = common.mean_spread([0.5, 0.7])
+    mean, std = mean_spread([0.5, 0.7])
     assert mean == pytest.approx(0.6) and std == pytest.approx(0.1414, abs=1e-4)
-    assert common.mean_spread([0.3]) == (0.3, 0.0)
-    assert common.fmt_spread([0.5, 0.7]) == "0.600 ± 0.141"
-    assert common.fmt(math.nan) == "-" and common.fmt(None) == "-"
+    assert mean_spread([0.3]) == (0.3, 0.0)
+    assert fmt_spread([0.5, 0.7]) == "0.600 ± 0.141"
+    assert fmt(math.nan) == "-" and fmt(None) == "-"
 
 
 def test_train_settings_flags():
-    settings = common.TrainSettings(data=Path("d.yaml"), epochs=3, batch=8, img=64, device="cpu", cache="off",
-                                    gpu_augment=True, close_mosaic=1, max_batches=2, noval=True)
+    settings = TrainSettings(data=Path("d.yaml"), epochs=3, batch=8, img=64, device="cpu", cache="off",
+                             gpu_augment=True, close_mosaic=1, max_batches=2, noval=True)
     flags = settings.flags()
     assert flags[flags.index("--epochs") + 1] == "3" and flags[flags.index("--device") + 1] == "cpu"
     assert "--gpu-augment" in flags and "--noval" in flags and "--cache" not in flags
@@ -64,9 +70,9 @@ def test_train_settings_flags():
 
 def test_train_rate_skips_the_first_epoch(tmp_path):
     (tmp_path / "results.csv").write_text("epoch,speed/img_per_s,time/epoch_s\n0,10,1\n1,100,1\n2,200,1\n")
-    assert common.train_rate(tmp_path) == pytest.approx(150.0)
+    assert train_rate(tmp_path) == pytest.approx(150.0)
     (tmp_path / "results.csv").write_text("epoch,speed/img_per_s\n0,10\n")
-    assert common.train_rate(tmp_path) == pytest.approx(10.0)  # one epoch: nothing to skip
+    assert train_rate(tmp_path) == pytest.approx(10.0)  # one epoch: nothing to skip
 
 
 def test_method_hyps_apply_the_ablation_and_the_common_changes(tmp_path):
@@ -87,9 +93,9 @@ def test_method_hyps_apply_the_ablation_and_the_common_changes(tmp_path):
     assert hyps["lad"] == {**hyps["default"], "distill_assign": "teacher"}
     assert hyps["warmup-300"] == {**hyps["default"], "distill_warmup_steps": 300} and base["distill_warmup_steps"] == 0
     assert distill_gain.parse_args([]).methods == ["scratch", "default"]  # the headline comparison only
-    with pytest.raises(common.UserError, match="--hyp-set"):
+    with pytest.raises(UserError, match="--hyp-set"):
         distill_gain.parse_hyp_set(["novalue"])
-    with pytest.raises(common.UserError, match="unknown"):
+    with pytest.raises(UserError, match="unknown"):
         distill_gain.method_hyps(distill_gain.parse_args(["--methods", "magic"]), tmp_path / "x")
 
 
@@ -168,16 +174,16 @@ def test_a_kept_run_names_the_cpu_it_trained_on(tmp_path):
 
 
 def test_reuse_needs_the_same_command_and_hyp(tmp_path):
-    runner = common.Runner(tmp_path, reuse=True)
+    runner = Runner(tmp_path, reuse=True)
     run_dir = tmp_path / "runs" / "r"
     (run_dir / "weights").mkdir(parents=True)
     (run_dir / "weights" / "best.pt").write_bytes(b"")
-    (run_dir / common.RUN_MARKER).write_text(json.dumps({"command": "python train.py --epochs 3",
-                                                          "hyp_sha256": "aa"}))
+    (run_dir / RUN_MARKER).write_text(json.dumps({"command": "python train.py --epochs 3",
+                                                   "hyp_sha256": "aa"}))
     assert runner._finished(run_dir, "python train.py --epochs 3", "aa") is not None
     assert runner._finished(run_dir, "python train.py --epochs 4", "aa") is None
     assert runner._finished(run_dir, "python train.py --epochs 3", "bb") is None  # the hyp file was edited
-    assert common.Runner(tmp_path)._finished(run_dir, "python train.py --epochs 3", "aa") is None
+    assert Runner(tmp_path)._finished(run_dir, "python train.py --epochs 3", "aa") is None
 
 
 def test_a_run_is_kept_under_another_name_when_it_trained_the_same_thing(tmp_path):
@@ -246,9 +252,9 @@ def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
     from utils.data.synthetic import generate
 
     data = generate(tmp_path / "syn", n_train=8, n_val=4, img_size=64, seed=0)
-    settings = common.TrainSettings(data=data, epochs=2, batch=4, img=64, device="cpu", workers=0, cache="off",
-                                    amp="off", max_batches=2)
-    cfg, hyp = common.model_cfg("yolov9-tiny"), common.hyp_file("hyp.scratch-low.yaml")
+    settings = TrainSettings(data=data, epochs=2, batch=4, img=64, device="cpu", workers=0, cache="off",
+                             amp="off", max_batches=2)
+    cfg, hyp = model_cfg("yolov9-tiny"), hyp_file("hyp.scratch-low.yaml")
     original = Trainer.after_epoch
 
     def crash(self, epoch, row, elapsed):
@@ -256,11 +262,11 @@ def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # the session ends after the first epoch
 
     monkeypatch.setattr(Trainer, "after_epoch", crash)
-    runner = common.Runner(tmp_path / "work", reuse=True, in_process=True)
+    runner = Runner(tmp_path / "work", reuse=True, in_process=True)
     with pytest.raises(KeyboardInterrupt):
         runner.train("r", cfg, hyp, 0, settings)
     run_dir = tmp_path / "work" / "runs" / "r"
-    assert (run_dir / common.PENDING_MARKER).is_file() and not (run_dir / common.RUN_MARKER).is_file()
+    assert (run_dir / PENDING_MARKER).is_file() and not (run_dir / RUN_MARKER).is_file()
     # the interrupted part took 1000 s (as results.csv says): the resumed run's wall time includes it
     csv_file = run_dir / "results.csv"
     header, first = csv_file.read_text().splitlines()[:2]
@@ -269,13 +275,13 @@ def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
     cells[column] = "1000"
     csv_file.write_text(header + "\n" + ",".join(cells) + "\n")
     monkeypatch.setattr(Trainer, "after_epoch", original)
-    result = common.Runner(tmp_path / "work", reuse=True, in_process=True).train("r", cfg, hyp, 0, settings)
+    result = Runner(tmp_path / "work", reuse=True, in_process=True).train("r", cfg, hyp, 0, settings)
     assert result["resumed"] and "--resume" not in result["command"]
-    rows = common.read_results_csv(run_dir)
+    rows = read_results_csv(run_dir)
     assert [row["epoch"] for row in rows] == [0.0, 1.0]
     assert rows[0]["time/epoch_s"] == 1000 and 1000 < result["wall_s"] < 1000 + 600
-    assert not (run_dir / common.PENDING_MARKER).exists()
-    again = common.Runner(tmp_path / "work", reuse=True, in_process=True).train("r", cfg, hyp, 0, settings)
+    assert not (run_dir / PENDING_MARKER).exists()
+    again = Runner(tmp_path / "work", reuse=True, in_process=True).train("r", cfg, hyp, 0, settings)
     assert again["wall_s"] == result["wall_s"]  # finished now: reused, not trained again
 
     # an interrupted run whose hyp file was edited since starts over instead of resuming
@@ -286,7 +292,7 @@ def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
         runner.train("e", cfg, edited, 0, settings)
     edited.write_text(hyp.read_text() + "lr0: 0.02\n")
     monkeypatch.setattr(Trainer, "after_epoch", original)
-    fresh = common.Runner(tmp_path / "work", reuse=True, in_process=True).train("e", cfg, edited, 0, settings)
+    fresh = Runner(tmp_path / "work", reuse=True, in_process=True).train("e", cfg, edited, 0, settings)
     assert not fresh["resumed"]
 
 
@@ -370,15 +376,15 @@ def test_distill_gain_dry_run(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2 and "--reuse-from" in capsys.readouterr().err
 
 
-def test_bccd_is_converted_once_into_the_cache(bccd_root, tmp_path):
+def test_benchmarks_without_data_train_on_bccd_through_its_data_config(tmp_path):
     from utils.data.config import load_data_config
 
-    yaml_file = common.bccd_data(str(bccd_root), tmp_path)
+    opt = argparse.Namespace(dry_run=False, data="", work=str(tmp_path))
+    yaml_file = resolve_data(opt)
+    assert yaml_file == BCCD_DATA
     config = load_data_config(yaml_file)
     assert config["names"] == ["RBC", "WBC", "Platelets"]
-    assert [common.count_images(config[s]) for s in ("train", "val", "test")] == [205, 87, 72]
-    stamp = yaml_file.stat().st_mtime_ns
-    assert common.bccd_data(str(bccd_root), tmp_path) == yaml_file and yaml_file.stat().st_mtime_ns == stamp
+    assert [count_images(config[s]) for s in ("train", "val", "test")] == [205, 87, 72]
 
 
 def test_model_sizes_reports_official_counts(capsys):

@@ -162,7 +162,7 @@ def test_imports_follow_the_package_map():
     ("utils/eval/metrics.py", "from utils.export.backends import load_backend\n"),
     ("utils/engine/trainer.py", "import val\n"),
     ("utils/engine/trainer.py", "from utils.export.onnx import export_onnx\n"),
-    ("utils/data/dataset.py", "from benchmarks.common import ROOT\n"),
+    ("utils/data/dataset.py", "from benchmarks.harness.commands import ROOT\n"),
     ("utils/ops/boxes.py", "import torch\ntorch.set_num_threads(1)\n"),
 ])
 def test_checker_catches_a_broken_rule(rel, source):
