@@ -53,3 +53,13 @@ def tiny_data(tmp_path_factory) -> str:
     from utils.data.synthetic import generate
 
     return str(generate(tmp_path_factory.mktemp("syn"), n_train=8, n_val=4, img_size=96, seed=0))
+
+
+@pytest.fixture
+def restore_logger():
+    """The CLIs configure the project logger; put it back for the tests that follow."""
+    saved = (list(LOGGER.handlers), LOGGER.level, LOGGER.propagate)
+    yield
+    LOGGER.handlers[:] = saved[0]
+    LOGGER.setLevel(saved[1])
+    LOGGER.propagate = saved[2]

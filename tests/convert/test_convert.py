@@ -8,7 +8,6 @@ import pytest
 
 from tests.fixtures.export_fixtures import BCCD, BCCD_BOXES, BCCD_SPLITS
 from utils.convert import convert_coco, convert_voc, main
-from utils.core.log import LOGGER
 from utils.data.config import load_data_config
 from utils.data.dataset import LoaderOptions, create_dataloader
 
@@ -133,14 +132,6 @@ def test_coco_conversion_and_merge(tmp_path, log_lines):
     assert data["train"].endswith("images/train") and data["val"].endswith("images/val")
 
 
-@pytest.fixture
-def restore_logger():
-    """The CLI configures the project logger; put it back for the tests that follow."""
-    saved = (list(LOGGER.handlers), LOGGER.level, LOGGER.propagate)
-    yield
-    LOGGER.handlers[:] = saved[0]
-    LOGGER.setLevel(saved[1])
-    LOGGER.propagate = saved[2]
 
 
 def test_cli_exit_codes(tmp_path, capsys, restore_logger):

@@ -21,7 +21,6 @@ from tests.fixtures.export_fixtures import (BCCD, BCCD_BOXES, BCCD_DEGENERATE, B
 from utils.convert import convert_coco_export, convert_voc, main
 from utils.convert.writer import assign_splits, random_split
 from utils.core.errors import UserError
-from utils.core.log import LOGGER
 from utils.data.config import load_data_config
 from utils.data.dataset import LoaderOptions, create_dataloader
 
@@ -241,13 +240,6 @@ def small_labelimg(root: Path, objects: dict[str, list[Obj]], stems: list[str]) 
     return root
 
 
-@pytest.fixture
-def restore_logger():
-    saved = (list(LOGGER.handlers), LOGGER.level, LOGGER.propagate)
-    yield
-    LOGGER.handlers[:] = saved[0]
-    LOGGER.setLevel(saved[1])
-    LOGGER.propagate = saved[2]
 
 
 def test_bad_files_are_reported_skipped_and_counted(tmp_path, bccd, capsys, restore_logger):
