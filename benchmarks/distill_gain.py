@@ -39,6 +39,7 @@ after the tool's automatic choices, and teacher bytes; see ``recorded_run``).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import shlex
@@ -241,8 +242,10 @@ def run_identity(runner: Runner, opt: argparse.Namespace, settings: TrainSetting
             "teacher_sha256": file_sha256(teacher) if teacher is not None else None}
 
 
+@functools.lru_cache(maxsize=None)
 def train_images(data: str | Path) -> int:
-    """The number of training images of a data.yaml (what the tool's automatic settings depend on)."""
+    """The number of training images of a data.yaml (what the tool's automatic settings depend on);
+    read once per data set, not once per method and seed."""
     from utils.data.config import load_data_config
     from utils.data.dataset import image_files
 

@@ -72,9 +72,9 @@ def seed_spread_line(record: Path, runs: Path, gain: float) -> str:
     paired gain per seed. Says so when the record is missing or measured another setting or teacher."""
     try:
         payload = json.loads(record.read_text())
-        opt = load_checkpoint(runs / "student-distill" / "weights" / "last.pt").get("opt") or {}
-        teacher = ((load_checkpoint(runs / "student-distill" / "weights" / "last.pt").get("extra") or {})
-                   .get("teacher") or {}).get("sha256")
+        ckpt = load_checkpoint(runs / "student-distill" / "weights" / "last.pt")
+        opt = ckpt.get("opt") or {}
+        teacher = ((ckpt.get("extra") or {}).get("teacher") or {}).get("sha256")
     except (OSError, ValueError, UserError):
         return f"No 3-seed record to compare with ({record} or the run's last.pt is missing)."
     settings = payload.get("settings") or {}
